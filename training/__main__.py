@@ -1,0 +1,5 @@
+"""``python -m training …``: see ``training.cli``."""
+
+from training.cli import main
+
+raise SystemExit(main())
