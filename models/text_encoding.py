@@ -1,0 +1,274 @@
+"""The text preprocessing contract shared by training and serving: raw posts → token ids.
+
+Owns, for every text checkpoint:
+
+* ``TextPreprocessing`` — the settings stored as the manifest's ``preprocessing`` dict::
+
+      {"kind": "text", "tokenizer": "spacy-blank-en", "lowercase": true, "remove": [],
+       "max_chars": 20000, "max_tokens": 1024, "truncation": "head", "vocab_file": "vocab.json"}
+
+  ``remove`` is any of ``"headers"``, ``"footers"``, ``"quotes"`` (what scikit-learn's
+  ``fetch_20newsgroups(remove=…)`` strips, re-implemented here so serving needs no scikit-learn).
+* The cleanup and tokenisation rule, applied in this order:
+
+  1. ``remove`` cleanup (headers, then footers/signatures, then quoted replies);
+  2. the text is cut to its first ``max_chars`` characters (bounds the per-request cost);
+  3. spaCy's rule-based English tokenizer (``spacy.blank("en")``, no model download) splits it;
+     whitespace tokens are dropped; token texts are lowercased when ``lowercase`` is set;
+  4. truncation ``"head"``: only the first ``max_tokens`` tokens are kept.
+
+* ``Vocabulary`` — ``<pad>`` = 0, ``<unk>`` = 1, then tokens by descending training frequency
+  (ties alphabetical) with at least ``min_freq`` occurrences, at most ``max_size`` entries in all.
+  Stored as the checkpoint extra file ``vocab.json``.
+* ``TextEncoder.encode(texts)`` → ``LongTensor (B, T)``, right-padded with 0, ``1 ≤ T ≤ max_tokens``
+  (an empty text becomes a single ``<pad>``).
+
+Imports only torch and the standard library; spaCy is imported lazily on first tokenisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from models.checkpoint import Manifest
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID, UNK_ID = 0, 1
+TOKENIZER = "spacy-blank-en"
+REMOVABLE = ("headers", "footers", "quotes")
+TRUNCATIONS = ("head",)
+VOCAB_FILE = "vocab.json"
+VOCAB_FORMAT = 1
+
+
+class TextEncodingError(ValueError):
+    """Preprocessing settings or a vocabulary file that cannot be used."""
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TextPreprocessing:
+    lowercase: bool = True
+    remove: tuple[str, ...] = ()
+    max_chars: int = 20_000
+    max_tokens: int = 1024
+    truncation: str = "head"
+    vocab_file: str = VOCAB_FILE
+    tokenizer: str = TOKENIZER
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.remove) - set(REMOVABLE))
+        if unknown:
+            raise TextEncodingError(f"remove: unknown parts {unknown}; choose from {list(REMOVABLE)}")
+        if self.tokenizer != TOKENIZER:
+            raise TextEncodingError(f"tokenizer {self.tokenizer!r} is not supported (only {TOKENIZER!r})")
+        if self.truncation not in TRUNCATIONS:
+            raise TextEncodingError(f"truncation {self.truncation!r} is not one of {list(TRUNCATIONS)}")
+        if self.max_tokens < 1 or self.max_chars < 1:
+            raise TextEncodingError("max_tokens and max_chars must be ≥ 1")
+        # canonical order, so equal settings compare (and cache) equal
+        object.__setattr__(self, "remove", tuple(part for part in REMOVABLE if part in self.remove))
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["remove"] = list(self.remove)
+        return {"kind": "text", **values}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TextPreprocessing:
+        values = dict(values)
+        kind = values.pop("kind", "text")
+        if kind != "text":
+            raise TextEncodingError(f"preprocessing kind {kind!r} is not 'text'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TextEncodingError(f"unknown text preprocessing fields {unknown}; known: {sorted(known)}")
+        if "remove" in values:
+            if isinstance(values["remove"], str) or not isinstance(values["remove"], list | tuple):
+                raise TextEncodingError("preprocessing 'remove' must be a list")
+            values["remove"] = tuple(values["remove"])
+        return cls(**values)
+
+    def cache_key(self) -> str:
+        """The settings that change token lists (not the vocabulary): for on-disk token caches."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "vocab_file"}, sort_keys=True)
+
+
+# ---- cleanup (what sklearn's remove= strips) -----------------------------------------------
+
+_QUOTE_RE = re.compile(r"(writes in|writes:|wrote:|says:|said:|^In article|^Quoted from|^\||^>)")
+
+
+def strip_headers(text: str) -> str:
+    """Everything after the first blank line (the header block ends there)."""
+    _, blank, body = text.partition("\n\n")
+    return body if blank else text
+
+
+def strip_footer(text: str) -> str:
+    """Drop the signature: everything from the last line made only of dashes (or blank)."""
+    lines = text.strip().split("\n")
+    for number in range(len(lines) - 1, -1, -1):
+        if lines[number].strip().strip("-") == "":
+            break
+    else:
+        return text
+    return "\n".join(lines[:number]) if number > 0 else text
+
+
+def strip_quotes(text: str) -> str:
+    """Drop quoted lines ('>' or '|') and the 'In article … writes:' attribution lines."""
+    return "\n".join(line for line in text.split("\n") if not _QUOTE_RE.search(line))
+
+
+def clean_text(text: str, remove: Sequence[str]) -> str:
+    if "headers" in remove:
+        text = strip_headers(text)
+    if "footers" in remove:
+        text = strip_footer(text)
+    if "quotes" in remove:
+        text = strip_quotes(text)
+    return text
+
+
+# ---- tokenisation ------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def spacy_tokenizer() -> Any:
+    """spaCy's rule-based English tokenizer (needs no downloaded model)."""
+    import spacy
+
+    return spacy.blank("en").tokenizer
+
+
+def tokenize(texts: Iterable[str], preprocessing: TextPreprocessing, batch_size: int = 256) -> list[list[str]]:
+    """Token lists of ``texts`` under ``preprocessing`` (steps 1–4 of the module docstring)."""
+    prepared = (clean_text(text, preprocessing.remove)[: preprocessing.max_chars] for text in texts)
+    limit, lower = preprocessing.max_tokens, preprocessing.lowercase
+    result = []
+    for doc in spacy_tokenizer().pipe(prepared, batch_size=batch_size):
+        tokens = [token.lower_ if lower else token.text for token in doc if not token.is_space]
+        result.append(tokens[:limit])
+    return result
+
+
+# ---- vocabulary --------------------------------------------------------------------------------
+
+class Vocabulary:
+    """Token ↔ id. Id 0 is ``<pad>``, id 1 is ``<unk>``; unknown tokens map to 1."""
+
+    def __init__(self, tokens: Sequence[str], min_freq: int = 1, max_size: int | None = None) -> None:
+        if list(tokens[:2]) != [PAD, UNK]:
+            raise TextEncodingError(f"a vocabulary must start with {PAD!r}, {UNK!r}")
+        if len(set(tokens)) != len(tokens):
+            raise TextEncodingError("vocabulary tokens must be unique")
+        self.itos = list(tokens)
+        self.stoi = {token: index for index, token in enumerate(self.itos)}
+        self.min_freq, self.max_size = min_freq, max_size
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    @classmethod
+    def build(
+        cls, token_lists: Iterable[Sequence[str]], min_freq: int = 2, max_size: int | None = 100_000
+    ) -> Vocabulary:
+        """Tokens seen at least ``min_freq`` times, most frequent first, ``max_size`` ids in all."""
+        if min_freq < 1:
+            raise TextEncodingError("min_freq must be ≥ 1")
+        if max_size is not None and max_size < 2:
+            raise TextEncodingError("max_size must leave room for <pad> and <unk> (≥ 2)")
+        counts: Counter[str] = Counter()
+        for tokens in token_lists:
+            counts.update(tokens)
+        counts.pop(PAD, None)
+        counts.pop(UNK, None)
+        kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        if max_size is not None:
+            kept = kept[: max_size - 2]
+        return cls([PAD, UNK, *kept], min_freq, max_size)
+
+    def lookup(self, tokens: Sequence[str]) -> list[int]:
+        get = self.stoi.get
+        return [get(token, UNK_ID) for token in tokens]
+
+    def to_json_bytes(self) -> bytes:
+        values = {"format": VOCAB_FORMAT, "min_freq": self.min_freq, "max_size": self.max_size, "tokens": self.itos}
+        return json.dumps(values, ensure_ascii=False).encode("utf-8")
+
+    @classmethod
+    def from_json_bytes(cls, content: bytes) -> Vocabulary:
+        try:
+            values = json.loads(content.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise TextEncodingError(f"vocabulary is not valid UTF-8 JSON ({error})") from None
+        if not isinstance(values, dict) or values.get("format") != VOCAB_FORMAT:
+            raise TextEncodingError(f"vocabulary format must be {VOCAB_FORMAT}")
+        tokens = values.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise TextEncodingError("vocabulary 'tokens' must be a list of strings")
+        return cls(tokens, int(values.get("min_freq", 1)), values.get("max_size"))
+
+
+# ---- the encoder -------------------------------------------------------------------------------
+
+def pad_batch(id_lists: Sequence[Sequence[int]], max_tokens: int) -> torch.Tensor:
+    """Right-pad with ``PAD_ID`` into a (B, T) LongTensor; T = longest (≤ max_tokens), at least 1."""
+    length = max(1, min(max_tokens, max((len(ids) for ids in id_lists), default=0)))
+    batch = torch.zeros(len(id_lists), length, dtype=torch.long)  # (B, T)
+    for row, ids in enumerate(id_lists):
+        ids = ids[:length]
+        if ids:
+            batch[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return batch
+
+
+class TextEncoder:
+    """Raw texts → (B, T) token ids under a checkpoint's preprocessing and vocabulary."""
+
+    def __init__(self, preprocessing: TextPreprocessing, vocabulary: Vocabulary) -> None:
+        self.preprocessing, self.vocabulary = preprocessing, vocabulary
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
+        return tokenize(texts, self.preprocessing)
+
+    def ids(self, token_lists: Sequence[Sequence[str]]) -> list[list[int]]:
+        return [self.vocabulary.lookup(tokens) for tokens in token_lists]
+
+    def encode_tokens(self, token_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+        return pad_batch(self.ids(token_lists), self.preprocessing.max_tokens)  # (B, T)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """(B, T) LongTensor of token ids, 0-padded on the right, 1 ≤ T ≤ max_tokens."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts, not one string")
+        return self.encode_tokens(self.tokenize(texts))
+
+
+def load_text_encoder(checkpoint_dir: str | Path, manifest: Manifest) -> TextEncoder:
+    """The encoder a text checkpoint was trained with (its preprocessing and verified vocabulary)."""
+    from models.checkpoint import CheckpointError, read_extra_file
+
+    try:
+        preprocessing = TextPreprocessing.from_dict(manifest.preprocessing)
+        vocabulary = Vocabulary.from_json_bytes(read_extra_file(checkpoint_dir, manifest, preprocessing.vocab_file))
+    except TextEncodingError as error:
+        raise CheckpointError(f"{checkpoint_dir}: {error}") from None
+    vocab_size = manifest.config.get("vocab_size")
+    if vocab_size is not None and int(vocab_size) != len(vocabulary):
+        raise CheckpointError(
+            f"{checkpoint_dir}: vocabulary has {len(vocabulary)} tokens but the model expects {vocab_size}"
+        )
+    return TextEncoder(preprocessing, vocabulary)
