@@ -1,0 +1,131 @@
+"""Typed failures of the service and the one place that turns them into HTTP answers.
+
+Known failures are ``ServiceError`` subclasses carrying their status and a message a person can act
+on; they answer ``{"detail": message}``. Request validation errors answer 422 with a readable
+``detail`` plus FastAPI's ``errors`` list. Anything else is logged with its traceback and answered
+with a plain-text 500 that leaks nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A failure the client can act on; ``status_code`` and ``detail`` become the response."""
+
+    status_code = 500
+
+    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class InvalidImage(ServiceError):
+    status_code = 400
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"WWW-Authenticate": "Bearer"})
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class UnsupportedFormat(ServiceError):
+    status_code = 415
+
+
+class InvalidInput(ServiceError):
+    status_code = 422
+
+
+class Unavailable(ServiceError):
+    """Overloaded, still starting or shutting down: try again later."""
+
+    status_code = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail, {"Retry-After": str(retry_after_s)})
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+
+
+class InferenceFailed(Exception):
+    """A batch failed inside the model; answered with a plain 500 (the worker logged the traceback)."""
+
+
+def _field_name(location: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(part) for part in location if part not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def validation_message(errors: list[Any]) -> str:
+    messages = []
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            messages.append("request body is not valid JSON" + (f" ({reason})" if reason else ""))
+        else:
+            messages.append(f"{_field_name(error.get('loc', ()))}: {error.get('msg', 'invalid')}")
+    return "; ".join(messages) or "invalid request"
+
+
+async def _service_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, ServiceError)
+    if error.status_code >= 500:
+        logger.warning("%s %s → %d: %s", request.method, request.url.path, error.status_code, error.detail)
+    return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+
+async def _validation_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    errors = error.errors()
+    brief = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+             for e in errors]
+    body = {"detail": validation_message(list(errors)), "errors": jsonable_encoder(brief)}
+    return JSONResponse(body, 422)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    assert isinstance(error, StarletteHTTPException)
+    return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+
+
+async def _inference_failed(request: Request, error: Exception) -> Response:
+    logger.error("%s %s → 500: %s", request.method, request.url.path, error)
+    return PlainTextResponse("Internal Server Error", 500)
+
+
+async def _unexpected(request: Request, error: Exception) -> Response:
+    logger.error("%s %s → 500", request.method, request.url.path, exc_info=error)
+    return PlainTextResponse("Internal Server Error", 500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(InferenceFailed, _inference_failed)
+    app.add_exception_handler(Exception, _unexpected)

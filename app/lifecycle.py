@@ -1,0 +1,163 @@
+"""The service's life: load and warm up in the background, serve, drain on SIGTERM, stop.
+
+``Service`` holds the settings, the model registry, the inference worker and the phase
+(starting → ready → draining, or failed). The FastAPI lifespan starts loading in a background task
+and returns at once, so ``/healthz`` answers and ``/readyz`` says 503 while models load. On SIGTERM
+the phase turns to draining (``/readyz`` 503, new work 503), queued and running requests finish
+within ``DRAIN_TIMEOUT``, then uvicorn's own shutdown runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+from typing import Any
+
+import torch
+from fastapi import FastAPI
+
+from app.errors import Unavailable
+from app.metrics import InFlight
+from app.preprocess import configure_pillow
+from app.registry import ModelRegistry, load_registry
+from app.settings import Settings
+from app.worker import InferenceWorker
+
+logger = logging.getLogger(__name__)
+
+STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = settings.torch_device()
+        self.phase = STARTING
+        self.error = ""
+        self.registry: ModelRegistry | None = None
+        self.worker: InferenceWorker | None = None
+        self.in_flight = InFlight()
+        self.preprocess_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                  thread_name_prefix="preprocess")
+        self.started_at = time.monotonic()
+        self.ready_after_s: float | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self._draining: asyncio.Task[None] | None = None
+        self._previous_sigterm: Any = None
+
+    # ---- what routes use -----------------------------------------------------------------
+
+    def ready(self) -> tuple[ModelRegistry, InferenceWorker]:
+        """The registry and worker, or 503 while starting, draining or after a failed start."""
+        if self.phase == READY and self.registry is not None and self.worker is not None:
+            return self.registry, self.worker
+        if self.phase == STARTING:
+            raise Unavailable("the models are still loading; try again shortly", retry_after_s=2)
+        if self.phase == DRAINING:
+            raise Unavailable("the server is shutting down", retry_after_s=5)
+        raise Unavailable(f"the models failed to load: {self.error}", retry_after_s=30)
+
+    async def run_blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, function, *args)
+
+    # ---- start ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        configure_pillow(self.settings.max_image_pixels)
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        self._install_sigterm_handler()
+        self._loading = asyncio.get_running_loop().create_task(self._load(), name="load-models")
+
+    async def _load(self) -> None:
+        settings = self.settings
+        try:
+            registry = await asyncio.to_thread(load_registry, settings, self.device)
+            worker = InferenceWorker(self.device, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+            if settings.warmup:
+                for served in registry.models:
+                    await worker.warm_up(served, sorted({1, settings.max_batch_size}))
+            worker.start()
+        except Exception as error:
+            self.phase, self.error = FAILED, str(error) or type(error).__name__
+            logger.exception("could not load the models from %s; shutting down", settings.model_dir)
+            if self._previous_sigterm is not None:  # under a server: stop it (exits non-zero by SIGTERM)
+                signal.raise_signal(signal.SIGTERM)
+            return
+        self.registry, self.worker = registry, worker
+        if self.phase == STARTING:
+            self.phase = READY
+        self.ready_after_s = time.monotonic() - self.started_at
+        logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
+                    ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
+
+    # ---- drain and stop ------------------------------------------------------------------
+
+    def _install_sigterm_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (not under a test client)
+        self._previous_sigterm = signal.getsignal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            if self._draining is not None or self.phase == FAILED:
+                self._hand_over(signum, frame)  # a second SIGTERM, or nothing to drain: stop now
+                return
+            self.phase = DRAINING
+            logger.info("SIGTERM: draining (not ready; finishing %d in-flight requests)", self.in_flight.count)
+            loop.call_soon_threadsafe(self._start_drain, signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _start_drain(self, signum: int) -> None:
+        self._draining = asyncio.get_running_loop().create_task(self._drain(signum), name="drain")
+
+    async def _drain(self, signum: int) -> None:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.settings.drain_timeout
+        while loop.time() < until and (self.in_flight.count > 0 or (self.worker is not None and self.worker.busy)):
+            await asyncio.sleep(0.02)
+        if self.in_flight.count:
+            logger.warning("drain timeout: %d requests still in flight", self.in_flight.count)
+        else:
+            logger.info("drained; shutting down")
+        self._hand_over(signum, None)
+
+    def _hand_over(self, signum: int, frame: FrameType | None) -> None:
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+        else:  # no server handler (SIG_DFL): restore it and let the signal do its default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    async def stop(self) -> None:
+        if self.phase != FAILED:
+            self.phase = DRAINING
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        if self.worker is not None:
+            await self.worker.stop(self.settings.drain_timeout)
+        self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    service: Service = app.state.service
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop()

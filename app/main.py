@@ -1,0 +1,34 @@
+"""The ASGI entry point: ``uvicorn app.main:app``. Builds the FastAPI app from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.lifecycle import Service, lifespan
+from app.metrics import MetricsMiddleware
+from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.routes import health, image, models, text
+from app.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("app").setLevel(settings.log_level.upper())
+    service = Service(settings)
+    app = FastAPI(title="crossmodal", version="1", lifespan=lifespan,
+                  description="Calibrated image and text classification, dynamically batched on one worker per device.")
+    app.state.service = service
+    for router in (health.router, models.router, image.router, text.router):
+        app.include_router(router)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, in_flight=service.in_flight)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+app = create_app()

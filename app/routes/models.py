@@ -1,0 +1,29 @@
+"""The loaded models: what they are, what they expect, where they came from."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Path
+
+from app.registry import ServedModel
+from app.routes.deps import ServiceDep, error_responses, require_api_key
+from app.schemas import ModelInfo, ModelList
+
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+
+
+def _info(served: ServedModel, defaults: dict[str, str]) -> ModelInfo:
+    return ModelInfo(**served.describe(), default=defaults.get(served.task) == served.name)
+
+
+@router.get("", response_model=ModelList, summary="List the loaded models", responses=error_responses(401, 503))
+async def list_models(service: ServiceDep) -> ModelList:
+    registry, _ = service.ready()
+    defaults = registry.defaults
+    return ModelList(models=[_info(served, defaults) for served in registry.models], defaults=defaults)
+
+
+@router.get("/{name}", response_model=ModelInfo, summary="Describe one model",
+            responses=error_responses(401, 404, 503))
+async def get_model(service: ServiceDep, name: str = Path(max_length=200)) -> ModelInfo:
+    registry, _ = service.ready()
+    return _info(registry.get(name), registry.defaults)

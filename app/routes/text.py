@@ -1,0 +1,45 @@
+"""Text classification: JSON texts in, calibrated distributions out."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from app.errors import InvalidInput
+from app.routes.deps import (
+    ModelQuery,
+    ServiceDep,
+    TopKQuery,
+    check_item_count,
+    classify,
+    error_responses,
+    require_api_key,
+)
+from app.schemas import ClassifyResponse, TextClassifyRequest
+
+router = APIRouter(prefix="/v1/text", tags=["classify"], dependencies=[Depends(require_api_key)])
+
+
+@router.post(
+    "/classify", response_model=ClassifyResponse, summary="Classify texts",
+    description="Send `{\"texts\": [...]}` (or `{\"text\": \"...\"}`). Each text is tokenised with the model's "
+                "own vocabulary; each prediction carries the calibrated distribution over the model's classes.",
+    responses=error_responses(401, 404, 413, 422, 503, 504),
+)
+async def classify_texts(
+    request: Request, body: TextClassifyRequest, service: ServiceDep, model: ModelQuery = None, top_k: TopKQuery = 5
+) -> ClassifyResponse:
+    registry, _ = service.ready()
+    served = registry.resolve(model, "text")
+    if body.texts is not None and body.text is not None:
+        raise InvalidInput("send either 'texts' (a list) or 'text' (one string), not both")
+    texts = body.texts if body.texts is not None else ([] if body.text is None else [body.text])
+    check_item_count(len(texts), service, "texts")
+    limit = service.settings.max_text_chars
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidInput(f"text {index} is empty or only whitespace")
+        if len(text) > limit:
+            raise InvalidInput(f"text {index} has {len(text):,} characters; at most {limit:,} are accepted "
+                               "(MAX_TEXT_CHARS)")
+    names = [f"text {index}" for index in range(len(texts))]
+    return await classify(request, service, served, texts, names, top_k)

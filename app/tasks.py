@@ -1,0 +1,111 @@
+"""What differs between tasks, behind one small interface the registry and the worker share.
+
+A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`` (untrusted
+inputs → per-item payloads, CPU, run in a thread pool), ``collate`` (payloads → a batch of device
+tensors), ``forward`` (the model call) and a warm-up payload. The worker is generic over runners;
+a new task (multimodal) adds a runner here and one entry in ``RUNNERS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from app.errors import ServiceError
+from app.preprocess import prepare_image
+from models.checkpoint import LoadedCheckpoint
+
+
+class TaskRunner(abc.ABC):
+    task: ClassVar[str]
+
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+        self.manifest = checkpoint.manifest
+        self.device = device
+
+    @abc.abstractmethod
+    def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
+        """Untrusted inputs → per-item payloads; ``ServiceError`` naming the item for bad input."""
+
+    @abc.abstractmethod
+    def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Per-item payloads → keyword arguments of the model, on the device."""
+
+    @abc.abstractmethod
+    def warmup_payload(self) -> Any:
+        """One valid payload, for warming the model up before the service turns ready."""
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch)  # (B, classes) logits
+
+
+def _named(error: ServiceError, name: str) -> ServiceError:
+    renamed = type(error).__new__(type(error))
+    ServiceError.__init__(renamed, f"{name}: {error.detail}", error.headers)
+    return renamed
+
+
+class ImageRunner(TaskRunner):
+    """Bytes → uint8 (3, S, S) on the CPU; normalised on the device, where it is cheapest."""
+
+    task = "image"
+
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int) -> None:
+        super().__init__(checkpoint, device)
+        self.preprocessing = dict(checkpoint.manifest.preprocessing)
+        self.size = int(self.preprocessing["size"])
+        self.max_pixels = max_pixels
+        # training normalises uint8 with mean and std given on the 0–1 scale
+        self.mean = torch.tensor(self.preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(self.preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
+
+    def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
+        payloads = []
+        for data, name in zip(inputs, names, strict=True):
+            try:
+                payloads.append(prepare_image(data, self.preprocessing, self.max_pixels))
+            except ServiceError as error:
+                raise _named(error, name) from None
+        return payloads
+
+    def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
+        images = torch.stack(list(payloads)).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8
+        return {"images": (images.float() - self.mean) / self.std}
+
+    def warmup_payload(self) -> Any:
+        return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+
+
+class TextRunner(TaskRunner):
+    """Texts → 1-D id tensors (tokenised by the checkpoint's own encoder); right-padded per batch."""
+
+    task = "text"
+
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device) -> None:
+        super().__init__(checkpoint, device)
+        from models.text_encoding import load_text_encoder
+
+        self.encoder = load_text_encoder(checkpoint.directory, checkpoint.manifest)
+
+    def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
+        ids = self.encoder.encode(list(inputs))  # (B, T), 0 = padding
+        lengths = (ids != 0).long().cumsum(dim=1).argmax(dim=1) + 1  # up to the last real token
+        return [row[: int(length)].clone() for row, length in zip(ids, lengths, strict=True)]
+
+    def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
+        token_ids = nn.utils.rnn.pad_sequence(list(payloads), batch_first=True, padding_value=0)  # (B, T)
+        return {"token_ids": token_ids.to(self.device, non_blocking=True)}
+
+    def warmup_payload(self) -> Any:
+        return self.prepare(["warm up"], ["warm-up"])[0]
+
+
+RunnerFactory = Callable[[LoadedCheckpoint, torch.device, Any], TaskRunner]
+RUNNERS: dict[str, RunnerFactory] = {
+    "image": lambda checkpoint, device, settings: ImageRunner(checkpoint, device, settings.max_image_pixels),
+    "text": lambda checkpoint, device, settings: TextRunner(checkpoint, device),
+}

@@ -1,0 +1,255 @@
+"""One inference worker per device: a bounded queue, dynamic batching, inference off the event loop.
+
+Requests put one item per input into the queue and await the items' futures. The worker takes
+the first waiting item, then gathers more, up to ``max_batch_size``, for at most ``max_wait_ms``,
+and only while more are on their way (requests still decoding); so a lone client pays no batching
+delay and a busy server fills its batches. Items are grouped per model and each group runs in the
+worker's single inference thread under ``torch.inference_mode`` (with autocast on CUDA). A CUDA
+out-of-memory error splits the group in halves and retries; any other exception fails only that
+group's items. Items whose deadline passed before their batch started are answered 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from app import metrics
+from app.errors import DeadlineExceeded, InferenceFailed, Unavailable
+from app.registry import ServedModel
+
+logger = logging.getLogger(__name__)
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+    if error is not None
+)
+
+
+class OutOfMemory(Unavailable):
+    def __init__(self) -> None:
+        super().__init__("the device ran out of memory for this input; try fewer or smaller inputs", retry_after_s=5)
+
+
+@dataclasses.dataclass(eq=False)
+class WorkItem:
+    served: ServedModel
+    payload: Any
+    future: asyncio.Future[torch.Tensor]
+    enqueued: float
+    deadline: float
+
+
+class InferenceWorker:
+    def __init__(self, device: torch.device, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
+        self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self._queue: deque[WorkItem] = deque()
+        self._arrived = asyncio.Event()
+        self._preparing = 0  # requests admitted and still preparing their inputs
+        self._running = 0  # items in the batch being computed
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{device}")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- the request side ------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._running > 0 or self._preparing > 0
+
+    @contextlib.contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Announce a request that will submit soon, so a forming batch waits for it."""
+        self._preparing += 1
+        try:
+            yield
+        finally:
+            self._preparing -= 1
+
+    def check_capacity(self, count: int) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down", retry_after_s=5)
+        if len(self._queue) + count > self.max_queue:
+            raise Unavailable(f"the server is busy: {len(self._queue)} items are queued (MAX_QUEUE={self.max_queue})")
+
+    async def submit(self, served: ServedModel, payloads: Sequence[Any], deadline: float) -> list[torch.Tensor]:
+        """Queue the payloads and wait for their calibrated probabilities, in order."""
+        self.check_capacity(len(payloads))
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        items = [WorkItem(served, payload, loop.create_future(), now, deadline) for payload in payloads]
+        self._queue.extend(items)
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+        self._arrived.set()
+        futures = [item.future for item in items]
+        try:
+            async with asyncio.timeout_at(deadline):
+                return list(await asyncio.gather(*futures))
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no result within the request deadline ({len(self._queue)} items queued); try again later"
+            ) from None
+        finally:
+            for future in futures:
+                future.cancel()  # no-op when done; otherwise the worker skips the item
+
+    # ---- the worker side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"inference-worker-{self.device}")
+
+    async def stop(self, timeout: float) -> None:
+        """Refuse new work, let queued items finish for up to ``timeout`` s, then fail the rest."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while (self._queue or self._running) and loop.time() < until:
+            await asyncio.sleep(0.01)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(Unavailable("the server shut down before this item ran", retry_after_s=5))
+        metrics.QUEUE_DEPTH.set(0)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def _wait_for_item(self, until: float | None) -> bool:
+        """Wait until the queue has an item (or ``until`` passes); True if it has one."""
+        while not self._queue:
+            self._arrived.clear()
+            if until is None:
+                await self._arrived.wait()
+                continue
+            remaining = until - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+        return True
+
+    async def _collect(self) -> list[WorkItem]:
+        await self._wait_for_item(None)
+        loop = asyncio.get_running_loop()
+        batch: list[WorkItem] = []
+        until = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if self._queue:
+                item = self._queue.popleft()
+                if not item.future.done():  # cancelled: its request timed out or went away
+                    batch.append(item)
+                continue
+            if not batch:
+                await self._wait_for_item(None)
+                continue
+            if self._preparing == 0 or not await self._wait_for_item(until):
+                break
+        metrics.QUEUE_DEPTH.set(len(self._queue))
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            now = loop.time()
+            live = []
+            for item in batch:
+                if now > item.deadline:
+                    item.future.set_exception(DeadlineExceeded("the request waited past its deadline in the queue"))
+                    metrics.ITEMS.labels(item.served.name, "deadline").inc()
+                else:
+                    live.append(item)
+            groups: dict[str, list[WorkItem]] = {}
+            for item in live:
+                groups.setdefault(item.served.name, []).append(item)
+            for group in groups.values():
+                await self._run_group(group)
+
+    async def _run_group(self, group: list[WorkItem]) -> None:
+        served = group[0].served
+        started = asyncio.get_running_loop().time()
+        for item in group:
+            metrics.QUEUE_WAIT.labels(served.name).observe(started - item.enqueued)
+        metrics.BATCH_SIZE.labels(served.name).observe(len(group))
+        self._running = len(group)
+        try:
+            probabilities = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.compute, served, [item.payload for item in group]
+            )
+        except OutOfMemory as error:
+            self._fail(group, error, "oom")
+            return
+        except Exception as error:
+            logger.exception("batch of %d for %s failed", len(group), served.name)
+            self._fail(group, InferenceFailed(f"inference failed for a batch of {served.name}: {error}"), "error")
+            return
+        finally:
+            self._running = 0
+        for item, row in zip(group, probabilities, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+        metrics.ITEMS.labels(served.name, "ok").inc(len(group))
+
+    @staticmethod
+    def _fail(group: list[WorkItem], error: BaseException, outcome: str) -> None:
+        for item in group:
+            if not item.future.done():
+                item.future.set_exception(error)
+        metrics.ITEMS.labels(group[0].served.name, outcome).inc(len(group))
+
+    # ---- in the inference thread -----------------------------------------------------------
+
+    def compute(self, served: ServedModel, payloads: Sequence[Any], record: bool = True) -> torch.Tensor:
+        """Calibrated probabilities (B, classes) on the CPU; splits the batch on out-of-memory."""
+        started = time.perf_counter()
+        try:
+            probabilities = self._forward(served, payloads)
+        except _OOM_ERRORS:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(payloads) == 1:
+                raise OutOfMemory() from None
+            half = len(payloads) // 2
+            logger.warning("out of memory on a batch of %d for %s; splitting it", len(payloads), served.name)
+            return torch.cat([self.compute(served, payloads[:half], record),
+                              self.compute(served, payloads[half:], record)])
+        if record:
+            metrics.COMPUTE.labels(served.name).observe(time.perf_counter() - started)
+        return probabilities
+
+    def _forward(self, served: ServedModel, payloads: Sequence[Any]) -> torch.Tensor:
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+                    if self.device.type == "cuda" else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            batch = served.runner.collate(payloads)
+            logits = served.runner.forward(served.model, batch)  # (B, classes)
+            return torch.softmax(logits.float() / served.temperature, dim=-1).cpu()  # (B, classes)
+
+    async def warm_up(self, served: ServedModel, batch_sizes: Sequence[int]) -> None:
+        """Run example batches through ``served`` in the inference thread (first calls are slow)."""
+        payload = served.runner.warmup_payload()
+        loop = asyncio.get_running_loop()
+        for size in batch_sizes:
+            try:
+                await loop.run_in_executor(self._executor, self.compute, served, [payload] * size, False)
+            except OutOfMemory:
+                logger.warning("warm-up of %s: a single item does not fit on %s", served.name, self.device)

@@ -1,0 +1,71 @@
+"""POST /v1/text/classify end to end through a real uvicorn process."""
+
+from __future__ import annotations
+
+import math
+
+import httpx
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from models.text_encoding import load_text_encoder
+
+
+def test_classify_texts_returns_calibrated_predictions_in_order(client: httpx.Client, model_dir) -> None:
+    texts = ["The shuttle launch was delayed again.", "Which graphics card works with X11?", "goalie"]
+    response = client.post("/v1/text/classify", json={"texts": texts}, params={"top_k": 2})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": "tiny-text", "version": "1", "task": "text"}
+    loaded = load_checkpoint(model_dir / "tiny-text")
+    encoder = load_text_encoder(model_dir / "tiny-text", loaded.manifest)
+    for text, prediction in zip(texts, body["predictions"], strict=True):
+        with torch.no_grad():
+            expected = torch.softmax(loaded.model(token_ids=encoder.encode([text])), dim=-1)[0].tolist()
+        assert list(prediction["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+        assert math.isclose(sum(prediction["probabilities"].values()), 1.0, abs_tol=1e-5)
+        assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+        assert len(prediction["top_k"]) == 2
+
+
+def test_classify_accepts_a_single_text(client: httpx.Client) -> None:
+    response = client.post("/v1/text/classify", json={"text": "hockey playoffs"})
+    assert response.status_code == 200
+    assert len(response.json()["predictions"]) == 1
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"texts": []}, "no texts in the request"),
+    ({}, "no texts in the request"),
+    ({"texts": ["fine", " \n\t "]}, "text 1 is empty or only whitespace"),
+    ({"text": ""}, "text 0 is empty or only whitespace"),
+    ({"texts": ["x" * 501]}, "text 0 has 501 characters; at most 500 are accepted (MAX_TEXT_CHARS)"),
+    ({"texts": ["a"] * 9}, "too many texts: 9 (at most 8 per request, MAX_ITEMS_PER_REQUEST)"),
+    ({"texts": ["a"], "text": "b"}, "send either 'texts' (a list) or 'text' (one string), not both"),
+    ({"texts": "not a list"}, "texts: Input should be a valid list"),
+    ({"texts": ["a"], "extra": 1}, "extra: Extra inputs are not permitted"),
+])
+def test_classify_rejects_invalid_text_requests(client: httpx.Client, body: dict, message: str) -> None:
+    response = client.post("/v1/text/classify", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"] == message
+
+
+def test_classify_rejects_malformed_json(client: httpx.Client) -> None:
+    response = client.post("/v1/text/classify", content=b'{"texts": ["unterminated', headers={"Content-Type":
+                                                                                              "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("request body is not valid JSON")
+
+
+def test_classify_rejects_bad_top_k_for_texts(client: httpx.Client) -> None:
+    response = client.post("/v1/text/classify", params={"top_k": -1}, json={"text": "hello"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "top_k: Input should be greater than or equal to 1"
+
+
+def test_classify_texts_answers_404_for_an_image_model(client: httpx.Client) -> None:
+    response = client.post("/v1/text/classify", params={"model": "tiny-lenet"}, json={"text": "hello"})
+    assert response.status_code == 404
+    assert response.json()["detail"] == "model 'tiny-lenet' serves image requests, not text requests"
