@@ -108,6 +108,7 @@ class FastConvNet(nn.Module):
         # unfold above ordered the patch as (C, kh, kw) after the transposes: (W', H') swap only
         # touches spatial batch axes, so this reshape matches Conv2d's (out, C, kh, kw) layout.
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        assert self.whiten.bias is not None
         self.whiten.bias.zero_()
         self.whiten.requires_grad_(False)
 

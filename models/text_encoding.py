@@ -5,17 +5,21 @@ Owns, for every text checkpoint:
 * ``TextPreprocessing`` — the settings stored as the manifest's ``preprocessing`` dict::
 
       {"kind": "text", "tokenizer": "spacy-blank-en", "lowercase": true, "remove": [],
-       "max_chars": 20000, "max_tokens": 1024, "truncation": "head", "vocab_file": "vocab.json"}
+       "max_chars": 20000, "max_tokens": 1024, "truncation": "head", "vocab_file": "vocab.json",
+       "header_fields": ["subject", "from", "organization"]}
 
   ``remove`` is any of ``"headers"``, ``"footers"``, ``"quotes"`` (what scikit-learn's
   ``fetch_20newsgroups(remove=…)`` strips, re-implemented here so serving needs no scikit-learn).
 * The cleanup and tokenisation rule, applied in this order:
 
+  0. ``header_fields`` tagging: the values of those header lines (``Field: value`` lines before the
+     first blank line) are tokenised too and emitted first, each token prefixed ``field:``
+     (``subject:linux``), so a classifier can tell a subject word from a body word;
   1. ``remove`` cleanup (headers, then footers/signatures, then quoted replies);
   2. the text is cut to its first ``max_chars`` characters (bounds the per-request cost);
   3. spaCy's rule-based English tokenizer (``spacy.blank("en")``, no model download) splits it;
      whitespace tokens are dropped; token texts are lowercased when ``lowercase`` is set;
-  4. truncation ``"head"``: only the first ``max_tokens`` tokens are kept.
+  4. truncation ``"head"``: only the first ``max_tokens`` tokens (tags included) are kept.
 
 * ``Vocabulary`` — ``<pad>`` = 0, ``<unk>`` = 1, then tokens by descending training frequency
   (ties alphabetical) with at least ``min_freq`` occurrences, at most ``max_size`` entries in all.
@@ -66,8 +70,13 @@ class TextPreprocessing:
     truncation: str = "head"
     vocab_file: str = VOCAB_FILE
     tokenizer: str = TOKENIZER
+    header_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.header_fields and "headers" in self.remove:
+            raise TextEncodingError("header_fields tags header lines, which remove=['headers'] strips; choose one")
+        if any(not f or not f.replace("-", "").isalnum() or f != f.lower() for f in self.header_fields):
+            raise TextEncodingError(f"header_fields must be lower-case field names, got {list(self.header_fields)}")
         unknown = sorted(set(self.remove) - set(REMOVABLE))
         if unknown:
             raise TextEncodingError(f"remove: unknown parts {unknown}; choose from {list(REMOVABLE)}")
@@ -83,6 +92,7 @@ class TextPreprocessing:
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["remove"] = list(self.remove)
+        values["header_fields"] = list(self.header_fields)
         return {"kind": "text", **values}
 
     @classmethod
@@ -95,10 +105,11 @@ class TextPreprocessing:
         unknown = sorted(set(values) - known)
         if unknown:
             raise TextEncodingError(f"unknown text preprocessing fields {unknown}; known: {sorted(known)}")
-        if "remove" in values:
-            if isinstance(values["remove"], str) or not isinstance(values["remove"], list | tuple):
-                raise TextEncodingError("preprocessing 'remove' must be a list")
-            values["remove"] = tuple(values["remove"])
+        for name in ("remove", "header_fields"):
+            if name in values:
+                if isinstance(values[name], str) or not isinstance(values[name], list | tuple):
+                    raise TextEncodingError(f"preprocessing {name!r} must be a list")
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def cache_key(self) -> str:
@@ -143,6 +154,17 @@ def clean_text(text: str, remove: Sequence[str]) -> str:
     return text
 
 
+def header_values(text: str, fields: Sequence[str]) -> list[tuple[str, str]]:
+    """(field, value) of the ``fields`` header lines in the block before the first blank line."""
+    found = []
+    for line in text.split("\n\n", 1)[0][:4096].split("\n"):
+        name, colon, value = line.partition(":")
+        name = name.strip().lower()
+        if colon and name in fields:
+            found.append((name, value))
+    return found
+
+
 # ---- tokenisation ------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=1)
@@ -155,11 +177,18 @@ def spacy_tokenizer() -> Any:
 
 def tokenize(texts: Iterable[str], preprocessing: TextPreprocessing, batch_size: int = 256) -> list[list[str]]:
     """Token lists of ``texts`` under ``preprocessing`` (steps 1–4 of the module docstring)."""
+    limit, lower, fields = preprocessing.max_tokens, preprocessing.lowercase, preprocessing.header_fields
+    texts = list(texts)
+    tags: list[list[str]] = [[] for _ in texts]
+    if fields:
+        found = [(i, name, value) for i, text in enumerate(texts) for name, value in header_values(text, fields)]
+        pipe = spacy_tokenizer().pipe((value for _, _, value in found), batch_size=batch_size)
+        for (i, name, _), doc in zip(found, pipe, strict=True):
+            tags[i].extend(f"{name}:{token.lower_ if lower else token.text}" for token in doc if not token.is_space)
     prepared = (clean_text(text, preprocessing.remove)[: preprocessing.max_chars] for text in texts)
-    limit, lower = preprocessing.max_tokens, preprocessing.lowercase
     result = []
-    for doc in spacy_tokenizer().pipe(prepared, batch_size=batch_size):
-        tokens = [token.lower_ if lower else token.text for token in doc if not token.is_space]
+    for doc, tagged in zip(spacy_tokenizer().pipe(prepared, batch_size=batch_size), tags, strict=True):
+        tokens = tagged + [token.lower_ if lower else token.text for token in doc if not token.is_space]
         result.append(tokens[:limit])
     return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -12,7 +14,7 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
     correct = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
     error = torch.zeros(())
-    for lower, upper in zip(edges[:-1], edges[1:], strict=True):
+    for lower, upper in itertools.pairwise(edges):
         members = (confidence > lower) & (confidence <= upper)
         if members.any():
             gap = (correct[members].mean() - confidence[members].mean()).abs()
@@ -33,7 +35,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     optimizer.step(closure)
-    return float(log_temperature.exp().clamp(0.05, 20.0))
+    return float(log_temperature.detach().exp().clamp(0.05, 20.0))
 
 
 def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _loop_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("epochs", "lr", "weight_decay", "label_smoothing", "precision", "optimizer")
+    names = ("epochs", "lr", "weight_decay", "label_smoothing", "precision", "optimizer", "save_every_steps")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -46,6 +47,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--limit", type=int, help="train on only this many examples (quick checks)")
+    parser.add_argument("--save-every-steps", type=int, help="write the resumable state this often (default 50)")
     parser.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
 
 
@@ -59,7 +61,7 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
         model_config=dict(getattr(args, "config", None) or []), loop=_loop_overrides(args),
         batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
         device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
-        limit=args.limit, stop_after_steps=args.stop_after_steps,
+        limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
     ))
 
 
@@ -112,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    # Recorded in every manifest: the exact command that reproduces the checkpoint.
+    args.command_line = "python -m training " + shlex.join(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -22,7 +22,8 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, dev
         if dataset.classes != manifest.classes:
             raise ValueError(f"{data} has classes {dataset.classes}, the checkpoint {manifest.classes}")
         mean, std = manifest.preprocessing["mean"], manifest.preprocessing["std"]
-        logits, labels = predict_logits(loaded.model.to(torch_device), evaluation_batches(dataset, mean, std, batch_size), torch_device)
+        batches = evaluation_batches(dataset, mean, std, batch_size)
+        logits, labels = predict_logits(loaded.model.to(torch_device), batches, torch_device)
     else:
         from training.text_evaluate import text_logits  # type: ignore[import-not-found]
 

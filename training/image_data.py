@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import pickle  # noqa: S403 — only to read the CIFAR-10 batch format; never for our own files
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,8 +56,8 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def _decode(path: Path, size: int) -> np.ndarray:
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
@@ -114,7 +114,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     for label in labels.unique():
         members = torch.nonzero(labels == label).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        held = int(round(len(members) * fraction))
+        held = round(len(members) * fraction)
         validation.append(members[:held])
         train.append(members[held:])
     return torch.cat(train).sort().values, torch.cat(validation).sort().values

@@ -74,10 +74,12 @@ class ImageRunOptions:
     parent: Path | None = None  # fine-tune from this checkpoint
     limit: int | None = None  # use only this many training images (smoke tests)
     stop_after_steps: int | None = None
+    command: str = ""  # the command line recorded in the manifest
 
 
 def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     device = pick_device(options.device)
+    torch.manual_seed(options.seed)  # model initialisation is part of the reproducible run
     data = load_image_folder(options.data)
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
     if options.limit:
@@ -106,7 +108,8 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     recipe.pop("batch_size", None)
     if options.parent is not None:
         recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
-    loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in {f.name for f in dataclasses.fields(LoopConfig)}})
+    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
+    loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields})
     source = ImageBatches(train, batch_size, options.seed, mean, std)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
 
@@ -124,6 +127,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         preprocessing={"kind": "image", "size": 32, "mean": mean, "std": std, "color": "RGB", "resize": "bilinear"},
         data_fingerprint=data.fingerprint,
         parent=lineage(options.parent),
+        training_command=options.command,
     )
     extra = {"train_images": len(train), "validation_images": len(validation),
              "train_seconds": sum(row["seconds"] for row in history), "device": str(device),

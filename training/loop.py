@@ -93,7 +93,8 @@ def distributed_context() -> tuple[int, int]:
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on norms and biases (1-D tensors)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim > 1 else no_decay).append(parameter)
@@ -172,7 +173,9 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
 # ---- the loop --------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, batches: Iterator[Batch], device: torch.device, precision: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, batches: Iterator[Batch], device: torch.device, precision: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated (logits, labels) of ``model`` in eval mode over ``batches``."""
     model.eval()
     dtype = autocast_dtype(precision, device)
@@ -242,7 +245,7 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += float(loss) * len(labels)
+            loss_sum += float(loss.detach()) * len(labels)
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")

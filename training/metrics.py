@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from training.calibration import expected_calibration_error
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], temperature: float = 1.0) -> dict[str, Any]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, classes: list[str], temperature: float = 1.0
+) -> dict[str, Any]:
     """Accuracy, macro-F1, NLL, ECE (15 bins), per-class accuracy and the confusion matrix."""
     logits = logits.float() / temperature
     probabilities = logits.softmax(dim=1)
@@ -52,7 +54,7 @@ def plot_confusion_matrix(confusion: list[list[int]], classes: list[str], path: 
     if len(classes) <= 12:
         for i in range(len(classes)):
             for j in range(len(classes)):
-                axes.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                axes.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=6,
                           color="white" if normalized[i, j] > 0.5 else "black")
     figure.tight_layout()
     figure.savefig(path, dpi=110)

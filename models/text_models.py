@@ -1,0 +1,176 @@
+"""Text classifiers served as ``model(token_ids)`` → logits, token ids from ``models.text_encoding``.
+
+* ``bilstm`` — the seed's baseline (2-layer bidirectional LSTM, embedding 100, hidden 256, dropout
+  0.5) with its bugs fixed: padded positions are skipped with packed sequences and the sentence
+  vector is the last layer's final forward and backward states, not the output at the last padded
+  time step.
+* ``ngram_bag`` — a TF-IDF-style linear model computed inside the module from token ids: sublinear
+  term frequencies (1 + log count) of word unigrams, word bigrams (looked up exactly in a sorted
+  table of the bigrams seen in training) and, optionally, character n-grams of each vocabulary
+  word (a CSR table built at training time), each multiplied by its IDF, every block L2-normalised,
+  then one linear layer. Training fits the weights (e.g. with scikit-learn) on exactly the features
+  ``features()`` computes, so training and serving cannot drift apart.
+
+Every table the forward pass needs is a buffer in the state dict, so a checkpoint rebuilds the model
+from its manifest config alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.registry import register_model
+
+# ---- the seed's BiLSTM, fixed ------------------------------------------------------------------
+
+@dataclasses.dataclass
+class BiLSTMConfig:
+    vocab_size: int = 2
+    num_classes: int = 20
+    embedding_dim: int = 100
+    hidden_size: int = 256
+    num_layers: int = 2
+    dropout: float = 0.5
+    padding_idx: int = 0
+    max_tokens: int = 512
+
+
+class BiLSTMClassifier(nn.Module):
+    """Embedding → packed 2-layer BiLSTM → [final forward state; final backward state] → linear."""
+
+    def __init__(self, config: BiLSTMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embedding_dim, padding_idx=config.padding_idx)
+        self.lstm = nn.LSTM(config.embedding_dim, config.hidden_size, config.num_layers, batch_first=True,
+                            bidirectional=True, dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(2 * config.hidden_size, config.num_classes)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        token_ids = token_ids[:, : self.config.max_tokens]  # (B, T)
+        lengths = (token_ids != self.config.padding_idx).sum(dim=1).clamp(min=1).cpu()  # empty text: one pad
+        embedded = self.dropout(self.embedding(token_ids))  # (B, T, E)
+        packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        _, (hidden, _) = self.lstm(packed)  # hidden: (layers * 2, B, H), in the caller's batch order
+        final = torch.cat([hidden[-2], hidden[-1]], dim=1)  # (B, 2H): last layer forward, backward
+        return self.head(self.dropout(final))  # (B, classes)
+
+
+@register_model("bilstm", BiLSTMConfig)
+def build_bilstm(config: BiLSTMConfig) -> nn.Module:
+    return BiLSTMClassifier(config)
+
+
+# ---- the TF-IDF-style n-gram bag ----------------------------------------------------------------
+
+@dataclasses.dataclass
+class NgramBagConfig:
+    vocab_size: int = 2
+    num_classes: int = 20
+    num_bigrams: int = 0  # rows of the sorted bigram-key table (0: unigrams only)
+    num_char_ngrams: int = 0  # character n-gram features (0: none)
+    char_table_size: int = 0  # entries of the word → char n-gram CSR table
+    sublinear_tf: bool = True
+    max_tokens: int = 4096
+    padding_idx: int = 0
+
+    @property
+    def num_features(self) -> int:
+        return self.vocab_size + self.num_bigrams + self.num_char_ngrams
+
+
+def _segment_l2_normalise(rows: torch.Tensor, weights: torch.Tensor, batch: int) -> torch.Tensor:
+    norms = torch.zeros(batch, dtype=weights.dtype, device=weights.device).index_add_(0, rows, weights * weights)
+    return weights / norms.sqrt().clamp(min=1e-12)[rows]
+
+
+def _count_pairs(rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """Sum ``counts`` over equal (row, id) pairs: (rows, ids, summed counts), sorted by row then id."""
+    keys = rows * width + ids
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    summed = torch.zeros(len(unique), dtype=counts.dtype, device=counts.device).index_add_(0, inverse, counts)
+    return unique // width, unique % width, summed
+
+
+class NgramBagClassifier(nn.Module):
+    """(B, T) token ids → sparse TF-IDF features of words, bigrams and char n-grams → linear logits."""
+
+    def __init__(self, config: NgramBagConfig) -> None:
+        super().__init__()
+        self.config = config
+        features = config.num_features
+        self.weight = nn.Parameter(torch.zeros(features, config.num_classes))
+        self.bias = nn.Parameter(torch.zeros(config.num_classes))
+        self.register_buffer("idf", torch.ones(features))
+        self.register_buffer("bigram_keys", torch.zeros(config.num_bigrams, dtype=torch.long))  # sorted a*V+b
+        self.register_buffer("char_offsets", torch.zeros(config.vocab_size + 1 if config.num_char_ngrams else 0,
+                                                         dtype=torch.long))
+        self.register_buffer("char_ids", torch.zeros(config.char_table_size, dtype=torch.long))
+        self.idf: torch.Tensor
+        self.bigram_keys: torch.Tensor
+        self.char_offsets: torch.Tensor
+        self.char_ids: torch.Tensor
+
+    def _tf(self, counts: torch.Tensor) -> torch.Tensor:
+        counts = counts.float()
+        return 1.0 + counts.log() if self.config.sublinear_tf else counts
+
+    def features(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sparse features as (rows, feature ids, values), sorted by row; each block L2-normalised."""
+        config = self.config
+        token_ids = token_ids[:, : config.max_tokens]  # (B, T)
+        batch, length = token_ids.shape
+        device = token_ids.device
+        positions = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)  # (B, T)
+        present = token_ids != config.padding_idx
+        rows, ids = positions[present], token_ids[present]
+        ones = torch.ones_like(ids)
+        word_rows, word_ids, word_counts = _count_pairs(rows, ids, ones, config.vocab_size)
+        blocks = [(word_rows, word_ids, word_counts)]
+        if config.num_bigrams and length > 1:
+            pair_present = present[:, :-1] & present[:, 1:]  # (B, T-1)
+            keys = (token_ids[:, :-1] * config.vocab_size + token_ids[:, 1:])[pair_present]
+            where = torch.searchsorted(self.bigram_keys, keys).clamp(max=config.num_bigrams - 1)
+            known = self.bigram_keys[where] == keys
+            pair_rows = positions[:, :-1][pair_present][known]
+            found = where[known]
+            rows_b, ids_b, counts_b = _count_pairs(pair_rows, found, torch.ones_like(found), config.num_bigrams)
+            blocks.append((rows_b, ids_b + config.vocab_size, counts_b))
+        # word and bigram features share one L2 norm (as one TF-IDF vectoriser over both)
+        rows_w = torch.cat([b[0] for b in blocks])
+        ids_w = torch.cat([b[1] for b in blocks])
+        values_w = self._tf(torch.cat([b[2] for b in blocks])) * self.idf[ids_w]
+        values_w = _segment_l2_normalise(rows_w, values_w, batch)
+        parts = [(rows_w, ids_w, values_w)]
+        if config.num_char_ngrams:
+            starts, ends = self.char_offsets[word_ids], self.char_offsets[word_ids + 1]
+            spans = ends - starts  # n-grams of each (row, word)
+            owner = torch.repeat_interleave(torch.arange(len(word_ids), device=device), spans)
+            offsets_within = torch.arange(len(owner), device=device) - torch.repeat_interleave(
+                torch.cumsum(spans, 0) - spans, spans)
+            char_ids = self.char_ids[starts[owner] + offsets_within]
+            rows_c, ids_c, counts_c = _count_pairs(word_rows[owner], char_ids, word_counts[owner],
+                                                   config.num_char_ngrams)
+            ids_c = ids_c + config.vocab_size + config.num_bigrams
+            values_c = _segment_l2_normalise(rows_c, self._tf(counts_c) * self.idf[ids_c], batch)
+            parts.append((rows_c, ids_c, values_c))
+        rows_all = torch.cat([p[0] for p in parts])
+        order = torch.argsort(rows_all, stable=True)
+        return rows_all[order], torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        batch = token_ids.shape[0]
+        rows, ids, values = self.features(token_ids)
+        offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))  # (B,)
+        pooled = F.embedding_bag(ids, self.weight, offsets, mode="sum", per_sample_weights=values.to(self.weight.dtype))
+        return pooled + self.bias  # (B, classes)
+
+
+@register_model("ngram_bag", NgramBagConfig)
+def build_ngram_bag(config: NgramBagConfig) -> nn.Module:
+    return NgramBagClassifier(config)

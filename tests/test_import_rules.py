@@ -1,0 +1,35 @@
+"""The layering rule, checked by reading imports: app/ and training/ share only models/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FORBIDDEN = {"app": {"training"}, "training": {"app"}, "models": {"app", "training", "fastapi", "PIL"}}
+
+
+def _imported_top_levels(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_never_imports_a_forbidden_layer(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no modules"
+    offenders = {str(p.relative_to(ROOT)): sorted(_imported_top_levels(p) & FORBIDDEN[package]) for p in files}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_no_pickle_based_torch_loading_anywhere() -> None:
+    for package in ("app", "models", "training"):
+        for path in (ROOT / package).rglob("*.py"):
+            assert "torch.load(" not in path.read_text(), f"{path} uses torch.load (pickle)"
