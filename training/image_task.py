@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         architecture = parent_manifest.architecture
         mean, std = parent_manifest.preprocessing["mean"], parent_manifest.preprocessing["std"]
         if parent_manifest.classes != data.classes:
-            model.reset_classifier(len(data.classes))  # type: ignore[operator]
+            cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
     else:
         architecture = options.architecture
         config = {"num_classes": len(data.classes), **options.model_config}
