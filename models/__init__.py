@@ -5,6 +5,7 @@ travels with a checkpoint, and the checkpoint format. Imports only torch and the
 """
 
 from models import image_cnn as _image_cnn  # noqa: F401  (registers architectures)
+from models import text_models as _text_models  # noqa: F401
 from models import trunk as _trunk  # noqa: F401
 from models.registry import available_models, build_model, get_model_spec
 

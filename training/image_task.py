@@ -101,7 +101,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         model = build_model(architecture, config)
         mean, std = channel_stats(train.images)
         if hasattr(model, "init_whitening"):
-            model.init_whitening(normalize(train.images[:5000], mean, std))
+            cast(Any, model).init_whitening(normalize(train.images[:5000], mean, std))
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
     batch_size = options.batch_size or recipe.pop("batch_size")

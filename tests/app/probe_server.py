@@ -33,8 +33,8 @@ class Probe(LeNet):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if 0 <= self.probe.oom_above < len(images):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated by the probe model)")
-        flat = images.flatten(1)
-        if bool((flat.amax(dim=1) == flat.amin(dim=1)).any()):
+        flat = images.flatten(2)  # (B, C, H·W)
+        if bool((flat.amax(dim=2) == flat.amin(dim=2)).all(dim=1).any()):
             raise RuntimeError("probe model: refusing a constant-colour image")
         time.sleep(self.probe.sleep_s)
         return super().forward(images)
