@@ -149,3 +149,32 @@ def build_trunk(config: TrunkConfig) -> nn.Module:
 def trunk_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The shared-trunk tensors of a TrunkClassifier state dict, without the ``trunk.`` prefix."""
     return {k[len(TRUNK_PREFIX):]: v for k, v in state_dict.items() if k.startswith(TRUNK_PREFIX)}
+
+
+class TrunkTransferError(ValueError):
+    """A checkpoint whose shared trunk cannot initialise another model's trunk."""
+
+
+def copy_trunk(target: TrunkClassifier, source_state: dict[str, torch.Tensor], where: str = "checkpoint") -> list[str]:
+    """Copy every shared-trunk tensor of ``source_state`` into ``target``; returns the copied names.
+
+    Refuses (``TrunkTransferError``) a source without trunk tensors (another architecture) or whose
+    trunk differs in any tensor name or shape (another dim, depth or MLP width).
+    """
+    source = trunk_state(source_state)
+    if not source:
+        raise TrunkTransferError(f"{where} has no shared trunk ('{TRUNK_PREFIX}*' tensors); "
+                                 "transfer needs a checkpoint of the 'trunk' architecture")
+    expected = trunk_state(target.state_dict())
+    missing, extra = sorted(set(expected) - set(source)), sorted(set(source) - set(expected))
+    if missing or extra:
+        raise TrunkTransferError(f"{where}: trunk layout differs (missing {missing[:3]}, unexpected {extra[:3]}); "
+                                 "is its depth the same?")
+    for name, tensor in expected.items():
+        if tensor.shape != source[name].shape:
+            raise TrunkTransferError(f"{where}: trunk tensor {name} has shape {tuple(source[name].shape)}, "
+                                     f"this model needs {tuple(tensor.shape)} (different dim or MLP width?)")
+    with torch.no_grad():
+        for name, tensor in target.trunk.state_dict().items():
+            tensor.copy_(source[name])
+    return sorted(source)

@@ -1,0 +1,260 @@
+"""Text training: from a labelled text set to a calibrated ``text`` checkpoint.
+
+One entry point, ``run_text_training``, serves ``train-text`` (any text architecture from scratch)
+and ``finetune-text`` (a ``trunk`` text model whose shared trunk comes from an image checkpoint).
+``prepare_text_run`` and ``train_text_model`` are the reusable halves the transfer study calls.
+
+Recipes (``TEXT_RECIPES``) hold what is known to work per architecture on 2 CPU cores: the
+preprocessing, the vocabulary limits and the loop settings. The validation split is stratified
+with a fixed ``split_seed`` (0) so every run and every arm of the study sees the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import build_model
+from models.checkpoint import load_state_dict, new_manifest
+from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
+from models.text_models import NgramBagClassifier
+from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
+from training.common import finish_checkpoint, lineage, pick_device
+from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
+from training.text_data import TextDataset, cached_tokens, label_budget, load_text_data, stratified_split
+from training.text_ngram import NgramOptions, build_ngram_model, fit_ngram_model
+
+logger = logging.getLogger(__name__)
+
+HEADER_FIELDS = ("subject", "from", "organization")
+LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
+
+TEXT_RECIPES: dict[str, dict[str, Any]] = {
+    # TF-IDF-style words + bigrams + char n-grams, linear SVM; header fields tagged.
+    "ngram_bag": {"preprocessing": {"max_tokens": 4096, "header_fields": list(HEADER_FIELDS)},
+                  "min_freq": 1, "max_vocab": 250_000, "ngram": {}},
+    "bilstm": {"preprocessing": {"max_tokens": 256}, "min_freq": 2, "max_vocab": 50_000,
+               "model": {"max_tokens": 256},
+               "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
+                        "label_smoothing": 0.1, "warmup_fraction": 0.05, "schedule": "cosine", "grad_clip": 1.0}},
+    "trunk": {"preprocessing": {"max_tokens": 128}, "min_freq": 2, "max_vocab": 30_000,
+              "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+                       "label_smoothing": 0.1, "warmup_fraction": 0.1, "schedule": "cosine", "grad_clip": 1.0}},
+}
+FREEZE_MODES = ("none", "trunk-except-norms", "trunk")
+
+
+@dataclasses.dataclass
+class TextRunOptions:
+    data: Path
+    output: Path | None = None
+    architecture: str = "ngram_bag"
+    model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the recipe's
+    loop: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ngram: dict[str, Any] = dataclasses.field(default_factory=dict)
+    min_freq: int | None = None
+    max_vocab: int | None = None
+    batch_size: int | None = None
+    validation_fraction: float = 0.1
+    split_seed: int = 0
+    seed: int = 0
+    device: str = "auto"
+    name: str | None = None
+    parent: Path | None = None  # image checkpoint whose trunk initialises a trunk text model
+    freeze: str = "none"
+    label_fraction: float = 1.0
+    limit: int | None = None
+    stop_after_steps: int | None = None
+
+
+@dataclasses.dataclass
+class PreparedText:
+    """Everything a run needs before the model: split, tokens, vocabulary, token ids."""
+
+    data: TextDataset
+    preprocessing: TextPreprocessing
+    vocabulary: Vocabulary
+    train_ids: list[list[int]]
+    train_labels: torch.Tensor
+    val_ids: list[list[int]]
+    val_labels: torch.Tensor
+    train_index: torch.Tensor  # positions in ``data`` of the training and validation posts
+    val_index: torch.Tensor
+
+
+def text_inputs(model: nn.Module, token_ids: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Positional inputs for ``model(*inputs)``: a trunk model takes ``(images, token_ids)``."""
+    return (None, token_ids) if isinstance(model, TrunkClassifier) else (token_ids,)
+
+
+class TextBatches:
+    """Shuffled batches of token-id lists, padded to the longest post of each batch."""
+
+    def __init__(self, model: nn.Module, ids: list[list[int]], labels: torch.Tensor, batch_size: int, seed: int,
+                 max_tokens: int) -> None:
+        self.model, self.ids, self.labels, self.seed, self.max_tokens = model, ids, labels, seed, max_tokens
+        self.batch_size = min(batch_size, len(ids))
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.ids) // self.batch_size)
+
+    def batch(self, epoch: int, step: int, rank: int, world_size: int) -> Batch:
+        order = torch.randperm(len(self.ids), generator=seeded_generator(self.seed, epoch))
+        indices = order[step * self.batch_size:(step + 1) * self.batch_size][rank::world_size].tolist()
+        return text_inputs(self.model, pad_batch([self.ids[i] for i in indices], self.max_tokens)), self.labels[indices]
+
+
+def evaluation_batches(model: nn.Module, ids: list[list[int]], labels: torch.Tensor, max_tokens: int,
+                       batch_size: int = 256) -> Iterator[Batch]:
+    """In-order batches of ``model``'s inputs, padded per batch."""
+    for start in range(0, len(ids), batch_size):
+        token_ids = pad_batch(ids[start:start + batch_size], max_tokens)  # (B, T)
+        yield text_inputs(model, token_ids), labels[start:start + batch_size]
+
+
+def recipe_for(architecture: str) -> dict[str, Any]:
+    if architecture not in TEXT_RECIPES:
+        raise ValueError(f"no text recipe for {architecture!r}; choose from {sorted(TEXT_RECIPES)}")
+    return TEXT_RECIPES[architecture]
+
+
+def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -> PreparedText:
+    recipe = recipe_for(options.architecture)
+    data = data or load_text_data(options.data)
+    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.split_seed)
+    if options.label_fraction < 1.0:
+        train_idx = train_idx[label_budget(data.labels[train_idx], options.label_fraction, options.seed)]
+    if options.limit:
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
+        train_idx = train_idx.sort().values
+    preprocessing = TextPreprocessing.from_dict({**recipe["preprocessing"], **options.preprocessing})
+    tokens = cached_tokens(data, preprocessing)
+    train_tokens = [tokens[i] for i in train_idx.tolist()]
+    vocabulary = Vocabulary.build(train_tokens, options.min_freq or recipe["min_freq"],
+                                  options.max_vocab or recipe["max_vocab"])
+    return PreparedText(
+        data, preprocessing, vocabulary,
+        [vocabulary.lookup(t) for t in train_tokens], data.labels[train_idx],
+        [vocabulary.lookup(tokens[i]) for i in val_idx.tolist()], data.labels[val_idx], train_idx, val_idx,
+    )
+
+
+def text_trunk_from_image(checkpoint: Path, vocab_size: int, num_classes: int, max_tokens: int,
+                          overrides: dict[str, Any] | None = None) -> TrunkClassifier:
+    """A text ``trunk`` model whose shared trunk is the image checkpoint's; adapter and head fresh."""
+    state, manifest = load_state_dict(checkpoint)
+    if manifest.architecture != "trunk":
+        raise TrunkTransferError(f"{checkpoint} is a {manifest.architecture!r} checkpoint with no shared trunk; "
+                                 "pretrain an image model with --arch trunk to transfer it to text")
+    config = {**manifest.config, **(overrides or {}), "modalities": ["text"], "vocab_size": vocab_size,
+              "num_classes": num_classes, "max_text_tokens": max_tokens}
+    model = build_model("trunk", config)
+    assert isinstance(model, TrunkClassifier)
+    copy_trunk(model, state, str(checkpoint))
+    return model
+
+
+def apply_freeze(model: nn.Module, mode: str) -> int:
+    """Freeze shared-trunk parameters (``trunk``: all, ``trunk-except-norms``: all but LayerNorms)."""
+    if mode not in FREEZE_MODES:
+        raise ValueError(f"--freeze must be one of {FREEZE_MODES}, got {mode!r}")
+    frozen = 0
+    for name, parameter in model.named_parameters():
+        is_norm = ".norm" in name or name.endswith(("norm.weight", "norm.bias"))
+        if mode != "none" and name.startswith("trunk.") and not (mode == "trunk-except-norms" and is_norm):
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+def build_text_model(options: TextRunOptions, prepared: PreparedText) -> nn.Module:
+    recipe = recipe_for(options.architecture)
+    classes, vocab_size = len(prepared.data.classes), len(prepared.vocabulary)
+    max_tokens = prepared.preprocessing.max_tokens
+    if options.parent is not None:
+        if options.architecture != "trunk":
+            raise ValueError("--from (image transfer) needs the trunk architecture")
+        return text_trunk_from_image(options.parent, vocab_size, classes, max_tokens, options.model_config)
+    config = {**recipe.get("model", {}), **options.model_config, "vocab_size": vocab_size, "num_classes": classes}
+    if options.architecture == "trunk":
+        config.update(modalities=["text"], max_text_tokens=max_tokens)
+    return build_model(options.architecture, config)
+
+
+def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir: Path | None = None
+                     ) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
+    """Train (or fit) the model of ``options`` on ``prepared``; returns model, history, run details."""
+    device = pick_device(options.device)
+    recipe = recipe_for(options.architecture)
+    started = time.perf_counter()
+    if options.architecture == "ngram_bag":
+        ngram = NgramOptions(**{**recipe.get("ngram", {}), **options.ngram})
+        header_prefixes = tuple(f"{f}:" for f in prepared.preprocessing.header_fields)
+        model: nn.Module = build_ngram_model(prepared.train_ids, prepared.vocabulary.itos, len(prepared.data.classes),
+                                             ngram, prepared.preprocessing.max_tokens, header_prefixes)
+        assert isinstance(model, NgramBagClassifier)
+        fit_details = fit_ngram_model(model, prepared.train_ids, prepared.train_labels, ngram, options.seed)
+        details = {"ngram": dataclasses.asdict(ngram), **fit_details, "train_seconds": time.perf_counter() - started}
+        return model, [], details
+    model = build_text_model(options, prepared)
+    frozen = apply_freeze(model, options.freeze)
+    loop_values = {**recipe.get("loop", {}), **options.loop}
+    batch_size = int(options.batch_size or loop_values.pop("batch_size", 64))
+    loop_values.pop("batch_size", None)
+    loop = LoopConfig(seed=options.seed, **{k: v for k, v in loop_values.items() if k in LOOP_FIELDS})
+    source = TextBatches(model, prepared.train_ids, prepared.train_labels, batch_size, options.seed,
+                         prepared.preprocessing.max_tokens)
+
+    def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_logits(m, evaluation_batches(m, prepared.val_ids, prepared.val_labels,
+                                                    prepared.preprocessing.max_tokens), device, loop.precision)
+
+    history = fit(model, source, loop, device=device, validate=validate, state_dir=state_dir,
+                  stop_after_steps=options.stop_after_steps, description=options.architecture)
+    details = {"loop": dataclasses.asdict(loop), "batch_size": batch_size, "frozen_parameters": frozen,
+               "freeze": options.freeze, "train_seconds": time.perf_counter() - started, "device": str(device)}
+    return model, history, details
+
+
+def validation_logits(model: nn.Module, prepared: PreparedText, device: str = "auto") -> torch.Tensor:
+    torch_device = pick_device(device)
+    logits, _ = predict_logits(model.to(torch_device), evaluation_batches(
+        model, prepared.val_ids, prepared.val_labels, prepared.preprocessing.max_tokens), torch_device)
+    return logits
+
+
+def run_text_training(options: TextRunOptions) -> dict[str, Any]:
+    """Prepare, train, calibrate on validation and write the checkpoint (with ``vocab.json``)."""
+    if options.output is None:
+        raise ValueError("an output checkpoint directory is needed")
+    prepared = prepare_text_run(options)
+    state_dir = options.output.parent / f".{options.output.name}.train-state"
+    model, history, details = train_text_model(options, prepared, state_dir)
+    if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
+        return {"stopped": True, "state": str(state_dir)}
+    val_logits = validation_logits(model, prepared, options.device)
+    config = getattr(model, "config", None)
+    manifest = new_manifest(
+        options.name or options.output.name, "text", options.architecture, config,
+        classes=prepared.data.classes,
+        preprocessing=prepared.preprocessing.to_dict(),
+        data_fingerprint=prepared.data.fingerprint,
+        parent=lineage(options.parent),
+    )
+    extra = {"train_posts": len(prepared.train_ids), "validation_posts": len(prepared.val_ids),
+             "vocabulary_size": len(prepared.vocabulary), "label_fraction": options.label_fraction,
+             "split_seed": options.split_seed, "validation_fraction": options.validation_fraction, **details}
+    summary = finish_checkpoint(options.output, model, manifest, val_logits, prepared.val_labels, history,
+                                extra_files={prepared.preprocessing.vocab_file: prepared.vocabulary.to_json_bytes()},
+                                extra_metrics=extra)
+    discard_training_state(state_dir)
+    summary["train_seconds"] = details["train_seconds"]
+    return summary
