@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL_DIR ?= checkpoints
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck unit data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ unit: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# Extract the shared training data (../shared/data) into .cache/data for the training commands.
+SHARED_DATA ?= ../shared/data
+data:
+	mkdir -p .cache/data
+	for archive in $(SHARED_DATA)/*.tar.gz; do tar -xzf "$$archive" -C .cache/data; done
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache
