@@ -110,7 +110,7 @@ class NgramBagClassifier(nn.Module):
         self.register_buffer("bigram_keys", torch.zeros(config.num_bigrams, dtype=torch.long))  # sorted a*V+b
         self.register_buffer("char_offsets", torch.zeros(config.vocab_size + 1 if config.num_char_ngrams else 0,
                                                          dtype=torch.long))
-        self.register_buffer("char_ids", torch.zeros(config.char_table_size, dtype=torch.long))
+        self.register_buffer("char_ids", torch.zeros(config.char_table_size, dtype=torch.int32))  # int32: half the bytes
         self.idf: torch.Tensor
         self.bigram_keys: torch.Tensor
         self.char_offsets: torch.Tensor
@@ -153,7 +153,7 @@ class NgramBagClassifier(nn.Module):
             owner = torch.repeat_interleave(torch.arange(len(word_ids), device=device), spans)
             offsets_within = torch.arange(len(owner), device=device) - torch.repeat_interleave(
                 torch.cumsum(spans, 0) - spans, spans)
-            char_ids = self.char_ids[starts[owner] + offsets_within]
+            char_ids = self.char_ids[starts[owner] + offsets_within].long()
             rows_c, ids_c, counts_c = _count_pairs(word_rows[owner], char_ids, word_counts[owner],
                                                    config.num_char_ngrams)
             ids_c = ids_c + config.vocab_size + config.num_bigrams

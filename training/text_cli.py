@@ -46,7 +46,7 @@ def _options(args: argparse.Namespace, architecture: str, parent: Path | None = 
         loop=_loop_overrides(args), ngram=ngram, min_freq=args.min_freq, max_vocab=args.max_vocab,
         batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
         device=args.device, name=args.name, parent=parent, freeze=freeze, label_fraction=args.label_fraction,
-        limit=args.limit, stop_after_steps=args.stop_after_steps,
+        limit=args.limit, stop_after_steps=args.stop_after_steps, refit_full=getattr(args, "refit_full", False),
     )
 
 
@@ -99,6 +99,8 @@ def add_commands(commands: Any) -> None:
         train.add_argument("--classifier", choices=["svm", "logreg"], help="ngram_bag: the linear fit")
         train.add_argument("--C", type=float, help="ngram_bag: inverse regularisation strength")
         train.add_argument("--max-char-ngrams", type=int, help="ngram_bag: character n-gram features (0: none)")
+        train.add_argument("--refit-full", action="store_true",
+                           help="ngram_bag: validate and calibrate on the split, then refit on every post")
         train.set_defaults(handler=_train_command)
 
     finetune = commands.add_parser("finetune-text", help="text trunk model initialised from an image trunk checkpoint")

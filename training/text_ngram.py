@@ -101,7 +101,7 @@ def _char_table(itos: Sequence[str], options: NgramOptions, skip_prefixes: Seque
 def _csr(per_word: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(ids) for ids in per_word], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
-    flat = torch.tensor([i for ids in per_word for i in ids], dtype=torch.long)
+    flat = torch.tensor([i for ids in per_word for i in ids], dtype=torch.int32)
     return offsets, flat
 
 

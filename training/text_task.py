@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.checkpoint import load_state_dict, new_manifest
+from models.checkpoint import Manifest, load_state_dict, new_manifest, read_manifest
 from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
 from models.text_models import NgramBagClassifier
 from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
@@ -73,6 +73,7 @@ class TextRunOptions:
     label_fraction: float = 1.0
     limit: int | None = None
     stop_after_steps: int | None = None
+    refit_full: bool = False  # ngram_bag: after validating, refit on every post with the same settings
 
 
 @dataclasses.dataclass
@@ -147,13 +148,27 @@ def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -
     )
 
 
+def prepare_full_refit(options: TextRunOptions, prepared: PreparedText) -> PreparedText:
+    """Every post (training and validation) as training data; vocabulary rebuilt over all of them."""
+    recipe = recipe_for(options.architecture)
+    tokens = cached_tokens(prepared.data, prepared.preprocessing)
+    vocabulary = Vocabulary.build(tokens, options.min_freq or recipe["min_freq"], options.max_vocab or recipe["max_vocab"])
+    everything = torch.arange(len(prepared.data))
+    return dataclasses.replace(prepared, vocabulary=vocabulary, train_ids=[vocabulary.lookup(t) for t in tokens],
+                               train_labels=prepared.data.labels, train_index=everything)
+
+
+def check_transfer_source(manifest: Manifest, checkpoint: Path) -> None:
+    if manifest.architecture != "trunk":
+        raise TrunkTransferError(f"{checkpoint} is a {manifest.architecture!r} checkpoint with no shared trunk; "
+                                 "pretrain an image model with --arch trunk to transfer it to text")
+
+
 def text_trunk_from_image(checkpoint: Path, vocab_size: int, num_classes: int, max_tokens: int,
                           overrides: dict[str, Any] | None = None) -> TrunkClassifier:
     """A text ``trunk`` model whose shared trunk is the image checkpoint's; adapter and head fresh."""
     state, manifest = load_state_dict(checkpoint)
-    if manifest.architecture != "trunk":
-        raise TrunkTransferError(f"{checkpoint} is a {manifest.architecture!r} checkpoint with no shared trunk; "
-                                 "pretrain an image model with --arch trunk to transfer it to text")
+    check_transfer_source(manifest, checkpoint)
     config = {**manifest.config, **(overrides or {}), "modalities": ["text"], "vocab_size": vocab_size,
               "num_classes": num_classes, "max_text_tokens": max_tokens}
     model = build_model("trunk", config)
@@ -235,12 +250,23 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
     """Prepare, train, calibrate on validation and write the checkpoint (with ``vocab.json``)."""
     if options.output is None:
         raise ValueError("an output checkpoint directory is needed")
+    if options.parent is not None:  # fail before tokenising anything
+        check_transfer_source(read_manifest(options.parent), options.parent)
     prepared = prepare_text_run(options)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
     model, history, details = train_text_model(options, prepared, state_dir)
     if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
         return {"stopped": True, "state": str(state_dir)}
     val_logits = validation_logits(model, prepared, options.device)
+    if options.refit_full:
+        if options.architecture != "ngram_bag" or options.label_fraction < 1.0 or options.limit:
+            raise ValueError("--refit-full is for the ngram_bag recipe on all labels")
+        # Validation metrics and the temperature stay those of the held-out fit above; the shipped
+        # weights are the same recipe refit on every post (a convex fit: no epochs to choose).
+        prepared = prepare_full_refit(options, prepared)
+        model, history, refit = train_text_model(options, prepared, state_dir)
+        details.update(refit_full=True, refit_posts=len(prepared.train_ids),
+                       train_seconds=details["train_seconds"] + refit["train_seconds"])
     config = getattr(model, "config", None)
     manifest = new_manifest(
         options.name or options.output.name, "text", options.architecture, config,
@@ -249,7 +275,8 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
         data_fingerprint=prepared.data.fingerprint,
         parent=lineage(options.parent),
     )
-    extra = {"train_posts": len(prepared.train_ids), "validation_posts": len(prepared.val_ids),
+    extra = {"train_posts": len(prepared.train_ids) - (len(prepared.val_ids) if options.refit_full else 0),
+             "validation_posts": len(prepared.val_ids),
              "vocabulary_size": len(prepared.vocabulary), "label_fraction": options.label_fraction,
              "split_seed": options.split_seed, "validation_fraction": options.validation_fraction, **details}
     summary = finish_checkpoint(options.output, model, manifest, val_logits, prepared.val_labels, history,
