@@ -110,6 +110,9 @@ async def _validation_error(request: Request, error: Exception) -> Response:
 
 async def _http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 400 and request.headers.get("content-type", "").startswith("application/json"):
+        # FastAPI's answer to a body that is not even text (e.g. not UTF-8): malformed JSON, like any other
+        return JSONResponse({"detail": "request body is not valid JSON (it must be UTF-8 text)"}, 422)
     return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
 
 

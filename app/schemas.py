@@ -45,15 +45,18 @@ class ClassifyResponse(BaseModel):
 class TextClassifyRequest(BaseModel):
     """Either `texts` (a list) or `text` (one string)."""
 
-    texts: list[str] | None = Field(None, description="texts to classify, answered in order")
-    text: str | None = Field(None, description="a single text (instead of `texts`)")
+    texts: list[str] | None = Field(None, description="texts to classify, answered in order",
+                                    json_schema_extra={"minItems": 1})
+    text: str | None = Field(None, description="a single text (instead of `texts`)", json_schema_extra={"minLength": 1})
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"texts": ["The shuttle launch was delayed by a faulty sensor on the booster.",
-                   "Which graphics card runs X11 best under Linux?"]},
-        {"text": "The goalie made 40 saves in the playoff game last night."},
-    ]})
-
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["texts"]}, {"required": ["text"]}],
+        "examples": [
+            {"texts": ["The shuttle launch was delayed by a faulty sensor on the booster.",
+                       "Which graphics card runs X11 best under Linux?"]},
+            {"text": "The goalie made 40 saves in the playoff game last night."},
+        ],
+    })
 
 
 class ModelInfo(BaseModel):
@@ -89,5 +92,12 @@ class Readiness(BaseModel):
     models: list[str] = []
 
 
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class ErrorBody(BaseModel):
     detail: str = Field(description="what went wrong and what to do about it")
+    errors: list[FieldError] | None = Field(None, description="for 422: each invalid field")

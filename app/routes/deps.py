@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ import torch
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
+from app import metrics
 from app.errors import InvalidInput, Unauthorized
 from app.lifecycle import Service
 from app.registry import ServedModel
@@ -29,6 +31,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 def require_api_key(
+    request: Request,
     service: ServiceDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_api_key_header)],
@@ -36,6 +39,8 @@ def require_api_key(
     keys = service.settings.api_key_set
     if not keys:
         return
+    if bearer is None and request.headers.get("authorization"):
+        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
     supplied = bearer.credentials if bearer is not None else header_key
     if not supplied:
         raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
@@ -64,8 +69,10 @@ async def classify(
     _, worker = service.ready()
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout
     worker.check_capacity(len(inputs))  # refuse early, before spending time on decoding
+    started = time.perf_counter()
     with worker.preparing():
         payloads = await service.run_blocking(served.runner.prepare, inputs, names)
+    metrics.PREPROCESS.labels(served.name).observe(time.perf_counter() - started)
     probabilities = await worker.submit(served, payloads, deadline)
     return ClassifyResponse(
         model=ModelRef(name=served.name, version=served.manifest.version, task=served.task),

@@ -23,7 +23,7 @@ async def list_models(service: ServiceDep) -> ModelList:
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="Describe one model",
-            responses=error_responses(401, 404, 503))
+            responses=error_responses(401, 404, 422, 503))
 async def get_model(service: ServiceDep, name: str = Path(max_length=200)) -> ModelInfo:
     registry, _ = service.ready()
     return _info(registry.get(name), registry.defaults)

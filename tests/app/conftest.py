@@ -8,15 +8,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import API_KEY, Server
+from servicekit import API_KEY, Server, save_image_model
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
 
 CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IMAGE_PREPROCESSING = {"kind": "image", "size": 32, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
-                       "color": "RGB", "resize": "bilinear"}
 TEXT_CLASSES = ["space", "graphics", "hockey"]
 
 
@@ -37,15 +34,6 @@ def jpegs(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
     return found
 
 
-def _save_image_model(directory: Path, name: str, architecture: str, config: dict[str, object],
-                      temperature: float = 1.0) -> None:
-    model = build_model("lenet" if architecture == "probe" else architecture,
-                        {k: v for k, v in config.items() if k in ("num_classes", "widths")})
-    manifest = new_manifest(name, "image", architecture, config, classes=CLASSES, preprocessing=IMAGE_PREPROCESSING,
-                            calibration={"temperature": temperature}, metrics={"val_accuracy": 0.1})
-    save_checkpoint(directory / name, model, manifest)
-
-
 def _save_text_model(directory: Path) -> None:
     from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
 
@@ -64,8 +52,8 @@ def _save_text_model(directory: Path) -> None:
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-fastconv (default image model by name), tiny-lenet (temperature 1.5), tiny-text."""
     directory = tmp_path_factory.mktemp("checkpoints")
-    _save_image_model(directory, "tiny-fastconv", "fastconv", {"num_classes": 10, "widths": [8, 16, 16]})
-    _save_image_model(directory, "tiny-lenet", "lenet", {"num_classes": 10}, temperature=1.5)
+    save_image_model(directory, "tiny-fastconv", "fastconv", {"num_classes": 10, "widths": [8, 16, 16]})
+    save_image_model(directory, "tiny-lenet", "lenet", {"num_classes": 10}, temperature=1.5)
     _save_text_model(directory)
     (directory / ".hidden").mkdir()  # skipped: dot-directory
     (directory / "notes").mkdir()  # skipped: no manifest
@@ -76,9 +64,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def probe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Checkpoints of the test-only ``probe`` architecture (see probe_server.py)."""
     directory = tmp_path_factory.mktemp("probes")
-    _save_image_model(directory, "probe", "probe", {"num_classes": 10, "sleep_s": 0.3, "load_sleep_s": 1.0})
-    _save_image_model(directory, "oom-probe", "probe", {"num_classes": 10, "oom_above": 1})
-    _save_image_model(directory, "slow-probe", "probe", {"num_classes": 10, "sleep_s": 2.5})
+    save_image_model(directory, "probe", "probe", {"num_classes": 10, "sleep_s": 0.2})
+    save_image_model(directory, "busy-probe", "probe", {"num_classes": 10, "sleep_s": 3.0})
+    save_image_model(directory, "stuck-probe", "probe", {"num_classes": 10, "sleep_s": 7.0})
+    save_image_model(directory, "oom-probe", "probe", {"num_classes": 10, "oom_above": 1})
     return directory
 
 
@@ -121,7 +110,7 @@ def client(main_server: Server) -> Iterator[httpx.Client]:
 def probe_server(probe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The service over the probe models, API keys off, a small queue and a short deadline."""
     env = {"MODEL_DIR": str(probe_dir), "MAX_BATCH_SIZE": "8", "MAX_WAIT_MS": "20", "MAX_QUEUE": "6",
-           "REQUEST_TIMEOUT": "2", "DEFAULT_IMAGE_MODEL": "probe", "WARMUP": "false"}
+           "REQUEST_TIMEOUT": "6", "DEFAULT_IMAGE_MODEL": "probe", "WARMUP": "false"}
     server = Server(tmp_path_factory.mktemp("probe") / "server.log", env, probe=True)
     try:
         server.wait_ready()

@@ -1,7 +1,7 @@
 """Runs the real service (``uvicorn app.main:app``) with one test-only architecture registered.
 
-``probe`` is LeNet (same weights layout) that can sleep in ``forward`` (slow batches), sleep while
-being built (slow start-up), raise CUDA out-of-memory for batches above a size, and fail a batch
+``probe`` is LeNet (same weights layout) that can sleep in ``forward`` (slow batches), wait for a file
+while being built (a start-up the test controls), raise CUDA out-of-memory for batches above a size, and fail a batch
 holding a constant-colour image. Tests save a LeNet with ``architecture="probe"`` and start this
 script with uvicorn's command-line arguments.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -21,7 +22,7 @@ from models.registry import register_model
 @dataclasses.dataclass
 class ProbeConfig(LeNetConfig):
     sleep_s: float = 0.0
-    load_sleep_s: float = 0.0
+    load_gate: str = ""  # building waits until this file exists (a start-up the test controls)
     oom_above: int = -1  # raise CUDA OOM for batches larger than this (-1: never)
 
 
@@ -42,7 +43,10 @@ class Probe(LeNet):
 
 @register_model("probe", ProbeConfig)
 def build_probe(config: ProbeConfig) -> Probe:
-    time.sleep(config.load_sleep_s)
+    if config.load_gate:
+        gate, until = Path(config.load_gate), time.monotonic() + 120
+        while not gate.exists() and time.monotonic() < until:
+            time.sleep(0.02)
     return Probe(config)
 
 

@@ -13,15 +13,32 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from models import build_model
+from models.checkpoint import new_manifest, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_PREPROCESSING = {"kind": "image", "size": 32, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
+                       "color": "RGB", "resize": "bilinear"}
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **options)
     return buffer.getvalue()
+
+
+def save_image_model(directory: Path, name: str, architecture: str, config: dict[str, object],
+                      temperature: float = 1.0) -> None:
+    """A tiny untrained image checkpoint; ``architecture="probe"`` saves a LeNet for probe_server.py."""
+    model = build_model("lenet" if architecture == "probe" else architecture,
+                        {k: v for k, v in config.items() if k in ("num_classes", "widths")})
+    manifest = new_manifest(name, "image", architecture, config, classes=CLASSES, preprocessing=IMAGE_PREPROCESSING,
+                            calibration={"temperature": temperature}, metrics={"val_accuracy": 0.1})
+    save_checkpoint(directory / name, model, manifest)
 
 
 def free_port() -> int:
@@ -47,10 +64,10 @@ class Server:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_alive(self, timeout: float = 60) -> None:
+    def wait_alive(self, timeout: float = 240) -> None:
         self._wait("/healthz", timeout)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 240) -> None:
         self._wait("/readyz", timeout)
 
     def _wait(self, path: str, timeout: float) -> None:
@@ -76,3 +93,21 @@ class Server:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The value of one sample of the server's /metrics (0 when absent)."""
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(sample.value)
+    return 0.0
+
+
+def wait_for_metric(url: str, name: str, at_least: float, labels: dict[str, str] | None = None,
+                    timeout: float = 60) -> None:
+    until = time.monotonic() + timeout
+    while metric(url, name, labels) < at_least:
+        if time.monotonic() > until:
+            raise TimeoutError(f"{name}{labels or ''} stayed below {at_least}")
+        time.sleep(0.02)

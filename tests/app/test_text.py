@@ -59,6 +59,13 @@ def test_classify_rejects_malformed_json(client: httpx.Client) -> None:
     assert response.json()["detail"].startswith("request body is not valid JSON")
 
 
+def test_classify_rejects_json_that_is_not_utf8(client: httpx.Client) -> None:
+    response = client.post("/v1/text/classify", content=b'{"text": "caf\xe9"}', headers={"Content-Type":
+                                                                                        "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "request body is not valid JSON (it must be UTF-8 text)"
+
+
 def test_classify_rejects_bad_top_k_for_texts(client: httpx.Client) -> None:
     response = client.post("/v1/text/classify", params={"top_k": -1}, json={"text": "hello"})
     assert response.status_code == 422

@@ -1,0 +1,181 @@
+"""Benchmark plumbing: server processes (time to ready, RSS), load generators (wrk, locust), /metrics scraping."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """A server subprocess; ``ready_s`` is launch → first 200 from ``ready_path``."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, ready_path: str,
+                 log_dir: Path) -> None:
+        self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.ready_s = self._wait_ready(ready_path)
+
+    def _wait_ready(self, path: str, timeout: float = 300) -> float:
+        until = time.perf_counter() + timeout
+        while time.perf_counter() < until:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return time.perf_counter() - self.started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s")
+
+    def rss_mb(self) -> float:
+        """Resident memory of the server and all its child processes (LitServe forks workers)."""
+        root = psutil.Process(self.process.pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+
+@dataclasses.dataclass
+class LoadResult:
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    tool: str
+
+
+def pick_tool(wanted: str) -> str:
+    if wanted == "auto":
+        return "wrk" if shutil.which("wrk") else "locust"
+    if wanted == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk), use --tool locust")
+    return wanted
+
+
+@dataclasses.dataclass
+class Payload:
+    """One request body on disk, for the load tools."""
+
+    path: Path
+    content_type: str
+
+
+def write_payload(image: bytes, kind: str, directory: Path) -> Payload:
+    """``multipart:FIELD`` (our API) or ``json-b64`` (LitServe's idiom: its workers cannot take uploads)."""
+    if kind == "json-b64":
+        body, content_type = json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json"
+    else:
+        field, boundary = kind.removeprefix("multipart:"), "----crossmodalbench7MA4YWxkTrZu0gW"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"image.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+        content_type = f"multipart/form-data; boundary={boundary}"
+    path = directory / f"body-{kind.replace(':', '-')}.bin"
+    path.write_bytes(body)
+    return Payload(path, content_type)
+
+
+def run_wrk(url: str, payload: Payload, clients: int, seconds: float, api_key: str = "") -> LoadResult:
+    command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
+               "-s", str(HERE / "wrk_post.lua"), url, "--", str(payload.path), payload.content_type, api_key]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
+    values = json.loads(line.removeprefix("WRK_JSON "))
+    duration = values["duration_us"] / 1e6
+    errors = sum(values[k] for k in ("non_2xx", "connect_errors", "read_errors", "write_errors", "timeouts"))
+    return LoadResult(clients, values["requests"], errors, duration, values["requests"] / duration,
+                      values["p50_us"] / 1000, values["p95_us"] / 1000, values["p99_us"] / 1000, "wrk")
+
+
+def run_locust(url: str, path: str, payload: Payload, clients: int, seconds: float, api_key: str = "",
+               rate_per_user: float = 0.0) -> LoadResult:
+    with tempfile.TemporaryDirectory() as scratch:
+        prefix = Path(scratch) / "stats"
+        env = {**os.environ, "BENCH_BODY": str(payload.path), "BENCH_CONTENT_TYPE": payload.content_type,
+               "BENCH_PATH": path, "BENCH_API_KEY": api_key, "BENCH_RATE_PER_USER": str(rate_per_user)}
+        command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(clients),
+                   "-r", str(clients), "-t", f"{max(1, round(seconds))}s", "--host", url, "--csv", str(prefix),
+                   "--only-summary", "--loglevel", "WARNING"]
+        subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        with open(f"{prefix}_stats.csv") as handle:
+            row = next(r for r in csv.DictReader(handle) if r["Name"] == "Aggregated")
+    requests, failures = int(row["Request Count"]), int(row["Failure Count"])
+    return LoadResult(clients, requests, failures, seconds, float(row["Requests/s"]), float(row["50%"]),
+                      float(row["95%"]), float(row["99%"]), "locust")
+
+
+def drive(tool: str, base_url: str, path: str, payload: Payload, clients: int, seconds: float,
+          api_key: str = "") -> LoadResult:
+    if tool == "wrk":
+        return run_wrk(base_url + path, payload, clients, seconds, api_key)
+    return run_locust(base_url, path, payload, clients, seconds, api_key)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Sums of the service's histograms and counters (all label sets added up)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name.startswith("crossmodal_") and (sample.name.endswith(("_sum", "_count", "_total"))):
+                totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+    return totals
+
+
+def time_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where a classify request's time went during one load level (means, milliseconds)."""
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    requests = delta("crossmodal_preprocess_seconds_count") or 1.0
+    items = delta("crossmodal_batch_size_sum") or 1.0
+    batches = delta("crossmodal_batch_size_count") or 1.0
+    latency_all = delta("crossmodal_http_request_duration_seconds_sum")
+    return {
+        "mean_batch_size": items / batches,
+        "preprocess_ms": 1000 * delta("crossmodal_preprocess_seconds_sum") / requests,
+        "queue_wait_ms": 1000 * delta("crossmodal_queue_wait_seconds_sum") / items,
+        "batch_compute_ms": 1000 * delta("crossmodal_batch_compute_seconds_sum") / batches,
+        "server_latency_ms": 1000 * latency_all / max(1.0, delta("crossmodal_http_request_duration_seconds_count")),
+    }

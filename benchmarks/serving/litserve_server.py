@@ -1,0 +1,87 @@
+"""The peer to beat: LitServe serving the same image checkpoint with its own dynamic batching.
+
+Same decoding (``app.preprocess.prepare_image``), same normalisation, model and calibrated softmax,
+and the same response shape as ``POST /v1/image/classify``, so the comparison is about the serving
+stack. The image travels as base64 in JSON (``{"image": ...}``): LitServe pickles each request to its
+inference process, and a multipart upload cannot be pickled.
+
+Usage: ``python benchmarks/serving/litserve_server.py CHECKPOINT_DIR --port 8001``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import litserve as ls
+import torch
+
+from app.preprocess import configure_pillow, prepare_image
+from models.checkpoint import load_checkpoint
+
+MAX_PIXELS = 40_000_000
+
+
+class ImageClassifierAPI(ls.LitAPI):
+    def __init__(self, checkpoint: Path, top_k: int = 5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint, self.top_k = checkpoint, top_k
+
+    def setup(self, device: str) -> None:
+        configure_pillow(MAX_PIXELS)
+        loaded = load_checkpoint(self.checkpoint, device)
+        self.model, self.manifest, self.device = loaded.model, loaded.manifest, torch.device(device)
+        preprocessing = self.manifest.preprocessing
+        self.preprocessing = preprocessing
+        self.mean = torch.tensor(preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
+
+    def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe then parses the JSON
+        # {"image": base64}: LitServe hands requests to its worker process by pickling, which an upload cannot be
+        return prepare_image(base64.b64decode(request["image"]), self.preprocessing, MAX_PIXELS)  # (3, S, S) uint8
+
+    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(inputs)  # (B, 3, S, S)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            images = (images.to(self.device).float() - self.mean) / self.std
+            logits = self.model(images)
+            return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
+
+    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(output)
+
+    def encode_response(self, output: torch.Tensor) -> dict[str, Any]:
+        values, classes = output.tolist(), self.manifest.classes
+        order = sorted(range(len(values)), key=lambda i: -values[i])[: self.top_k]
+        return {
+            "model": {"name": self.manifest.name, "version": self.manifest.version, "task": "image"},
+            "predictions": [{
+                "label": classes[order[0]], "probability": values[order[0]],
+                "top_k": [{"label": classes[i], "probability": values[i]} for i in order],
+                "probabilities": dict(zip(classes, values, strict=True)),
+            }],
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
+    args = parser.parse_args()
+    api = ImageClassifierAPI(args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
+                             api_path="/predict")
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
+    server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

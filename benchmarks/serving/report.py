@@ -1,0 +1,66 @@
+"""The benchmark's markdown report: throughput and latency per configuration, targets, where the time goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _level(results: dict[str, Any], config: str, clients: int) -> dict[str, Any] | None:
+    for level in results["servers"].get(config, {}).get("levels", []):
+        if level["clients"] == clients:
+            return level
+    return None
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+    return f"{a['rps'] / b['rps']:.2f}×" if a and b and b["rps"] > 0 else "n/a"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> None:
+    limit = results["in_process"]
+    lines = [
+        f"# Serving benchmark: `{results['model']}`", "",
+        f"{results['started']} · tool: {results['tool']} · {results['duration_s']:g} s per level · one image per "
+        f"request · MAX_BATCH_SIZE={results['max_batch_size']}, MAX_WAIT_MS={results['max_wait_ms']:g} · "
+        f"{results['machine']['platform']}", "",
+        "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for config, server in results["servers"].items():
+        for level in server["levels"]:
+            lines.append(f"| {config} | {level['clients']} | {level['rps']:.1f} | {level['p50_ms']:.1f} | "
+                         f"{level['p95_ms']:.1f} | {level['p99_ms']:.1f} | {level['errors']} |")
+    lines += [
+        "", f"In-process limit (same code path, no HTTP): **{limit['best_items_per_s']:.0f} images/s** at batch size "
+        f"{limit['best_batch_size']} on {limit['device']} ({limit['torch_threads']} torch threads); decoding alone "
+        f"{limit['decode_images_per_s_one_thread']:.0f} images/s on one thread.", "",
+        "| batch size | " + " | ".join(str(k) for k in limit["items_per_s_by_batch_size"]) + " |",
+        "| --- | " + " | ".join("---:" for _ in limit["items_per_s_by_batch_size"]) + " |",
+        "| images/s | " + " | ".join(f"{v:.0f}" for v in limit["items_per_s_by_batch_size"].values()) + " |", "",
+        "| server | time to ready (s) | RSS ready (MB) | RSS after load (MB) |", "| --- | ---: | ---: | ---: |",
+    ]
+    for config, server in results["servers"].items():
+        lines.append(f"| {config} | {server['ready_s']:.2f} | {server['rss_mb_ready']:.0f} | "
+                     f"{server['rss_mb_after_load']:.0f} |")
+    top = max(results["levels"])
+    batched, unbatched, peer = (_level(results, c, top) for c in ("batched", "unbatched", "litserve"))
+    lines += ["", f"## Targets at {top} clients", "",
+              f"- batched vs MAX_BATCH_SIZE=1: {_ratio(batched, unbatched)} (target ≥ 3×)",
+              f"- batched vs LitServe: {_ratio(batched, peer)} (target ≥ 1×)"]
+    half = results["servers"].get("batched", {}).get("half_max_rate")
+    if half:
+        lines.append(f"- p99 at half the best throughput ({half['target_rps']:.0f} req/s offered, {half['rps']:.0f} "
+                     f"served): {half['p99_ms']:.0f} ms (target ≤ 250 ms)")
+    batched_server = results["servers"].get("batched")
+    if batched_server:
+        lines.append(f"- time to ready: {batched_server['ready_s']:.2f} s (target ≤ 5 s); RSS "
+                     f"{batched_server['rss_mb_after_load']:.0f} MB (target ≤ 1536 MB)")
+    lines += ["", "## Where the time goes (batched server, means from its /metrics)", "",
+              "| clients | mean batch | decode ms/request | queue wait ms/item | compute ms/batch | server latency ms |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for level in (batched_server or {}).get("levels", []):
+        b = level.get("breakdown", {})
+        if b:
+            lines.append(f"| {level['clients']} | {b['mean_batch_size']:.1f} | {b['preprocess_ms']:.2f} | "
+                         f"{b['queue_wait_ms']:.2f} | {b['batch_compute_ms']:.2f} | {b['server_latency_ms']:.2f} |")
+    path.write_text("\n".join(lines) + "\n")

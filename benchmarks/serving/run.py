@@ -1,0 +1,178 @@
+"""Serving benchmark: our service (batched and MAX_BATCH_SIZE=1) vs LitServe vs the in-process limit.
+
+Drives each server with an existing load tool (wrk when installed, else locust headless) at each
+client count, one image per request, and writes requests/s, p50/p95/p99, time to ready, RSS and a
+breakdown of where the time goes (from the service's own metrics) to ``OUTPUT.json`` and ``OUTPUT.md``.
+
+    python benchmarks/serving/run.py --model-dir checkpoints --duration 30
+    python benchmarks/serving/run.py --model-dir /tmp/ckpts --duration 3 --levels 1,8 --output /tmp/bench  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.serving.harness import (
+    HERE,
+    ROOT,
+    LoadResult,
+    Payload,
+    ServerProcess,
+    drive,
+    free_port,
+    pick_tool,
+    run_locust,
+    scrape,
+    time_breakdown,
+    write_payload,
+)
+from benchmarks.serving.report import write_markdown
+
+logger = logging.getLogger("benchmark")
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+
+
+def first_cifar_jpeg(destination: Path) -> Path:
+    with tarfile.open(CIFAR) as tar:
+        member = next(m for m in tar if m.isfile() and m.name.endswith(".jpg"))
+        handle = tar.extractfile(member)
+        assert handle is not None
+        path = destination / "image.jpg"
+        path.write_bytes(handle.read())
+    return path
+
+
+def pick_image_model(model_dir: Path, wanted: str | None) -> tuple[str, Path]:
+    from app.registry import checkpoint_directories
+    from models.checkpoint import read_manifest
+
+    found = {}
+    for directory in checkpoint_directories(model_dir):
+        manifest = read_manifest(directory)
+        if manifest.task == "image":
+            found[manifest.name] = directory
+    if not found:
+        raise SystemExit(f"no image checkpoint in {model_dir}")
+    name = wanted or sorted(found)[0]
+    if name not in found:
+        raise SystemExit(f"no image model {name!r} in {model_dir}; found {sorted(found)}")
+    return name, found[name]
+
+
+def bench_server(server: ServerProcess, path: str, payload: Payload, args: argparse.Namespace, tool: str,
+                 ours: bool) -> dict[str, Any]:
+    result: dict[str, Any] = {"ready_s": server.ready_s, "rss_mb_ready": server.rss_mb(), "levels": []}
+    for clients in args.levels:
+        drive(tool, server.url, path, payload, clients, min(2.0, args.duration), args.api_key)  # warm the path
+        before = scrape(server.url) if ours else {}
+        load = drive(tool, server.url, path, payload, clients, args.duration, args.api_key)
+        level: dict[str, Any] = dataclasses.asdict(load)
+        if ours:
+            level["breakdown"] = time_breakdown(before, scrape(server.url))
+        logger.info("%s, %d clients: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors", server.name, clients,
+                    load.rps, load.p50_ms, load.p99_ms, load.errors)
+        result["levels"].append(level)
+    result["rss_mb_after_load"] = server.rss_mb()
+    if server.name == "batched" and args.half_rate_check:
+        best = max(level["rps"] for level in result["levels"])
+        clients = max(args.levels)
+        paced: LoadResult = run_locust(server.url, path, payload, clients, args.duration, args.api_key,
+                                       rate_per_user=best / 2 / clients)
+        result["half_max_rate"] = {"target_rps": best / 2, **dataclasses.asdict(paced)}
+        logger.info("%s at half the max rate (%.0f req/s): p99 %.1f ms", server.name, best / 2, paced.p99_ms)
+    return result
+
+
+def start_ours(name: str, args: argparse.Namespace, log_dir: Path, extra_env: dict[str, str]) -> ServerProcess:
+    port = free_port()
+    env = {"MODEL_DIR": str(args.model_dir), "API_KEYS": args.api_key, **extra_env}
+    if args.model:
+        env["DEFAULT_IMAGE_MODEL"] = args.model
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+               "--no-access-log", "--log-level", "warning"]
+    return ServerProcess(name, command, env, port, "/readyz", log_dir)
+
+
+def start_litserve(checkpoint: Path, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
+    port = free_port()
+    command = [sys.executable, str(HERE / "litserve_server.py"), str(checkpoint), "--port", str(port),
+               "--max-batch-size", str(args.max_batch_size), "--batch-timeout", str(args.max_wait_ms / 1000)]
+    return ServerProcess("litserve", command, {}, port, "/health", log_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "checkpoints")
+    parser.add_argument("--model", help="image model name (default: the first image model by name)")
+    parser.add_argument("--levels", default="1,8,64", help="concurrent clients, comma-separated")
+    parser.add_argument("--duration", type=float, default=30, help="seconds of load per level")
+    parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=5)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128", help="for the in-process limit")
+    parser.add_argument("--configs", default="batched,unbatched,litserve")
+    parser.add_argument("--api-key", default="", help="run our server with this API key and send it")
+    parser.add_argument("--no-half-rate-check", dest="half_rate_check", action="store_false",
+                        help="skip the paced run at half the best throughput (needs locust)")
+    parser.add_argument("--image", type=Path, help="JPEG to send (default: the first CIFAR-10 training image)")
+    parser.add_argument("--output", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    args.levels = [int(x) for x in args.levels.split(",")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    tool = pick_tool(args.tool)
+    name, checkpoint = pick_image_model(args.model_dir, args.model)
+    args.model = name
+    configs = args.configs.split(",")
+    with tempfile.TemporaryDirectory() as scratch:
+        image = args.image or first_cifar_jpeg(Path(scratch))
+        log_dir = Path(scratch)
+        results: dict[str, Any] = {
+            "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
+            "levels": args.levels, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "servers": {},
+        }
+        from benchmarks.serving.inprocess import measure_limit
+
+        sizes = [int(x) for x in args.batch_sizes.split(",")]
+        results["in_process"] = measure_limit(checkpoint, image.read_bytes(), sizes, min(3.0, args.duration))
+        logger.info("in-process limit: %.0f items/s at batch %d", results["in_process"]["best_items_per_s"],
+                    results["in_process"]["best_batch_size"])
+        path = "/v1/image/classify"
+        plans = {
+            "batched": lambda: start_ours("batched", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
+                                                                     "MAX_WAIT_MS": str(args.max_wait_ms)}),
+            "unbatched": lambda: start_ours("unbatched", args, log_dir, {"MAX_BATCH_SIZE": "1"}),
+            "litserve": lambda: start_litserve(checkpoint, args, log_dir),
+        }
+        for config in configs:
+            server = plans[config]()
+            try:
+                ours = config != "litserve"
+                payload = write_payload(image.read_bytes(), "multipart:files" if ours else "json-b64", log_dir)
+                results["servers"][config] = bench_server(server, path if ours else "/predict", payload, args, tool,
+                                                          ours)
+            finally:
+                server.stop()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, args.output.with_suffix(".md"))
+    logger.info("wrote %s.json and %s.md", args.output, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Start-up, readiness and graceful drain of a real uvicorn process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from servicekit import save_image_model, wait_for_metric
+
+
+def test_ready_only_after_loading_and_drains_on_sigterm(start_server, tmp_path: Path, jpegs: list[bytes]) -> None:
+    gate = tmp_path / "gate"
+    save_image_model(tmp_path / "models", "gated-probe", "probe", {"num_classes": 10, "load_gate": str(gate)})
+    save_image_model(tmp_path / "models", "busy-probe", "probe", {"num_classes": 10, "sleep_s": 3.0})
+    server = start_server({"MODEL_DIR": str(tmp_path / "models"), "WARMUP": "false", "REQUEST_TIMEOUT": "30",
+                           "DRAIN_TIMEOUT": "30"}, probe=True)
+    server.wait_alive()
+    starting = httpx.get(server.url + "/readyz")  # loading waits for the gate file
+    assert starting.status_code == 503 and starting.json()["status"] == "starting"
+    early = httpx.post(server.url + "/v1/image/classify", files=[("file", ("a.jpg", jpegs[0], "image/jpeg"))])
+    assert early.status_code == 503
+    assert early.json()["detail"] == "the models are still loading; try again shortly"
+    gate.touch()
+    server.wait_ready()
+
+    results: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: results.append(httpx.post(
+        server.url + "/v1/image/classify", params={"model": "busy-probe"},
+        files=[("file", ("a.jpg", jpegs[0], "image/jpeg"))], timeout=60)))
+    slow.start()
+    wait_for_metric(server.url, "crossmodal_queue_wait_seconds_count", 1, {"model": "busy-probe"})  # 3 s batch runs
+    server.process.send_signal(signal.SIGTERM)
+    until = time.monotonic() + 30
+    while (draining := httpx.get(server.url + "/readyz")).status_code == 200 and time.monotonic() < until:
+        time.sleep(0.02)
+    assert draining.status_code == 503 and draining.json()["status"] == "draining"
+    refused = httpx.post(server.url + "/v1/image/classify", files=[("file", ("a.jpg", jpegs[0], "image/jpeg"))])
+    assert refused.status_code == 503 and refused.json()["detail"] == "the server is shutting down"
+    slow.join(timeout=60)
+    assert results and results[0].status_code == 200, results
+    server.process.wait(timeout=60)
+    assert "drained; shutting down" in server.logs()
+
+
+def test_start_fails_clearly_without_a_model_directory(start_server, tmp_path: Path) -> None:
+    server = start_server({"MODEL_DIR": str(tmp_path / "missing")})
+    assert server.process.wait(timeout=240) != 0
+    assert f"MODEL_DIR '{tmp_path / 'missing'}' is not a directory" in server.logs()
