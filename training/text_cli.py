@@ -121,6 +121,6 @@ def add_commands(commands: Any) -> None:
     study.add_argument("--fractions", type=float, nargs="+", help="label budgets (default 0.01 0.1 1.0)")
     study.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")
     study.add_argument("--epochs", type=int, help="epochs per run (default from the study recipe)")
-    study.add_argument("--max-tokens", type=int, help="tokens per post for the study (default 128)")
+    study.add_argument("--max-tokens", type=int, help="tokens per post for the study (default 64)")
     study.add_argument("--device", default="auto")
     study.set_defaults(handler=_study_command)

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 ARMS: dict[str, dict[str, Any]] = {
     "scratch": {"image": False, "freeze": "none", "grid": (3e-4, 1e-3, 3e-3)},
     "image-frozen": {"image": True, "freeze": "trunk-except-norms", "grid": (1e-3, 3e-3, 1e-2)},
-    "image-finetuned": {"image": True, "freeze": "none", "grid": (1e-4, 3e-4, 1e-3)},
+    "image-finetuned": {"image": True, "freeze": "none", "grid": (3e-4, 1e-3, 3e-3)},
     "tfidf-svm": {"image": False, "freeze": "none", "grid": (0.3, 1.0, 3.0)},  # C, not a learning rate
 }
 NEURAL_ARMS = ("scratch", "image-frozen", "image-finetuned")
@@ -64,7 +64,7 @@ def _settings(options: StudyOptions) -> dict[str, Any]:
                 "max_tokens": options.max_tokens or 32, "grids": {arm: spec["grid"][1:2] for arm, spec in ARMS.items()},
                 "epochs": options.epochs or 1}
     return {"fractions": options.fractions or (0.01, 0.1, 1.0), "seeds": options.seeds or (0, 1, 2),
-            "max_tokens": options.max_tokens or 128, "grids": {arm: spec["grid"] for arm, spec in ARMS.items()},
+            "max_tokens": options.max_tokens or 64, "grids": {arm: spec["grid"] for arm, spec in ARMS.items()},
             "epochs": options.epochs}
 
 
