@@ -10,6 +10,7 @@ from app.errors import install_error_handlers
 from app.lifecycle import Service, lifespan
 from app.metrics import MetricsMiddleware
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.openapi import install_openapi
 from app.routes import health, image, models, text
 from app.settings import Settings
 
@@ -25,6 +26,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (health.router, models.router, image.router, text.router):
         app.include_router(router)
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, in_flight=service.in_flight)
     app.add_middleware(RequestIdMiddleware)

@@ -66,6 +66,9 @@ def test_docs_offer_file_upload_and_examples(main_server) -> None:
     assert form["$ref"].startswith("#/components/schemas/")
     fields = schema["components"]["schemas"][form["$ref"].rsplit("/", 1)[1]]["properties"]
     assert set(fields) == {"files", "file"}
+    # plain binary strings: what Swagger UI turns into file pickers
+    assert fields["files"]["items"] == {"type": "string", "format": "binary"}
+    assert fields["file"]["type"] == "string" and fields["file"]["format"] == "binary"
     text_schema = schema["components"]["schemas"]["TextClassifyRequest"]
     assert text_schema["examples"]
     assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])

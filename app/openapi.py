@@ -1,0 +1,53 @@
+"""The OpenAPI document, adjusted so the /docs page can upload files.
+
+FastAPI describes an optional upload as ``anyOf: [{type: string, contentMediaType: ...}, {type: null}]``
+(and a list of them likewise). Swagger UI shows a file picker only for a plain
+``{type: string, format: binary}``, so uploads are rewritten to that form; what the server accepts
+is unchanged (the fields stay optional: they are not ``required``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+
+def _is_upload(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "string" and ("contentMediaType" in schema or schema.get("format") == "binary")
+
+
+def _plain_upload(prop: dict[str, Any]) -> dict[str, Any] | None:
+    branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
+    if len(branches) != 1:
+        return None
+    branch = branches[0]
+    keep: dict[str, Any] = {k: prop[k] for k in ("title", "description") if k in prop}
+    if _is_upload(branch):
+        return {"type": "string", "format": "binary", **keep}
+    if branch.get("type") == "array" and _is_upload(branch.get("items", {})):
+        return {"type": "array", "items": {"type": "string", "format": "binary"}, **keep}
+    return None
+
+
+def swagger_friendly_uploads(schema: dict[str, Any]) -> dict[str, Any]:
+    for component in schema.get("components", {}).get("schemas", {}).values():
+        properties = component.get("properties", {})
+        for name, prop in properties.items():
+            plain = _plain_upload(prop)
+            if plain is not None:
+                properties[name] = plain
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = swagger_friendly_uploads(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes,
+                openapi_version=app.openapi_version,
+            ))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
