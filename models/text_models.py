@@ -78,6 +78,7 @@ class NgramBagConfig:
     sublinear_tf: bool = True
     max_tokens: int = 4096
     padding_idx: int = 0
+    weight_dtype: str = "float32"  # float32 | float16 (halves the checkpoint; logits are summed in float32)
 
     @property
     def num_features(self) -> int:
@@ -104,7 +105,10 @@ class NgramBagClassifier(nn.Module):
         super().__init__()
         self.config = config
         features = config.num_features
-        self.weight = nn.Parameter(torch.zeros(features, config.num_classes))
+        if config.weight_dtype not in ("float32", "float16"):
+            raise ValueError(f"weight_dtype must be float32 or float16, got {config.weight_dtype!r}")
+        dtype = torch.float16 if config.weight_dtype == "float16" else torch.float32
+        self.weight = nn.Parameter(torch.zeros(features, config.num_classes, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(config.num_classes))
         self.register_buffer("idf", torch.ones(features))
         self.register_buffer("bigram_keys", torch.zeros(config.num_bigrams, dtype=torch.long))  # sorted a*V+b
@@ -164,11 +168,10 @@ class NgramBagClassifier(nn.Module):
         return rows_all[order], torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        batch = token_ids.shape[0]
-        rows, ids, values = self.features(token_ids)
-        offsets = torch.searchsorted(rows, torch.arange(batch, device=rows.device))  # (B,)
-        pooled = F.embedding_bag(ids, self.weight, offsets, mode="sum", per_sample_weights=values.to(self.weight.dtype))
-        return pooled + self.bias  # (B, classes)
+        rows, ids, values = self.features(token_ids)  # (N,) each: N non-zero features in the batch
+        contributions = F.embedding(ids, self.weight).float() * values.unsqueeze(1)  # (N, classes)
+        logits = torch.zeros(token_ids.shape[0], self.config.num_classes, device=values.device)
+        return logits.index_add_(0, rows, contributions) + self.bias  # (B, classes)
 
 
 @register_model("ngram_bag", NgramBagConfig)

@@ -36,6 +36,7 @@ class NgramOptions:
     char_min_df: int = 2
     max_char_ngrams: int = 300_000  # 0: no character n-grams
     classifier: str = "svm"  # svm (LinearSVC, squared hinge) | logreg (multinomial)
+    weight_dtype: str = "float32"  # float16 halves the checkpoint
     C: float = 1.0
     batch_size: int = 512
 
@@ -127,8 +128,8 @@ def build_ngram_model(
         per_word = [[remap[g] for g in ids if g in remap] for ids in per_word]
         char_offsets, char_ids = _csr(per_word)
         num_char = len(ranked)
-    config = NgramBagConfig(vocab_size, num_classes, len(keys), num_char,
-                            0 if char_ids is None else len(char_ids), max_tokens=max_tokens)
+    config = NgramBagConfig(vocab_size, num_classes, len(keys), num_char, 0 if char_ids is None else len(char_ids),
+                            max_tokens=max_tokens, weight_dtype=options.weight_dtype)
     model = NgramBagClassifier(config)
     model.bigram_keys.copy_(keys)
     if char_offsets is not None and char_ids is not None:
@@ -164,7 +165,7 @@ def fit_ngram_model(model: NgramBagClassifier, id_lists: Sequence[Sequence[int]]
     if coef.shape[0] == 1:  # two classes: scikit-learn keeps one row for the positive class
         coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
     with torch.no_grad():
-        model.weight.copy_(torch.from_numpy(coef.T.copy()))
+        model.weight.copy_(torch.from_numpy(coef.T.copy()).to(model.weight.dtype))
         model.bias.copy_(torch.from_numpy(intercept))
     seconds = time.perf_counter() - started
     logger.info("fitted %s (C=%g) on %d posts × %d features in %.1f s", options.classifier, options.C,

@@ -68,3 +68,16 @@ def test_ngram_bag_logits_are_the_linear_layer_over_features_and_ignore_padding(
 def test_text_models_build_from_plain_dict_configs(name: str) -> None:
     model = build_model(name, {"vocab_size": 10, "num_classes": 4})
     assert model(torch.tensor([[2, 3, 0]])).shape == (1, 4)
+
+
+def test_ngram_bag_float16_weights_give_the_same_predictions_in_half_the_bytes() -> None:
+    posts = [[2, 3, 4, 2], [4, 5, 3], [5, 5, 2]]
+    itos = ["<pad>", "<unk>", "a", "b", "c", "d"]
+    full = build_ngram_model(posts, itos, 3, NgramOptions(bigram_min_df=1, char_min_df=1), max_tokens=8)
+    half = build_ngram_model(posts, itos, 3, NgramOptions(bigram_min_df=1, char_min_df=1, weight_dtype="float16"),
+                             max_tokens=8)
+    torch.nn.init.normal_(full.weight)
+    with torch.no_grad():
+        half.weight.copy_(full.weight.half())
+    assert half.weight.dtype == torch.float16 and half.weight.element_size() * 2 == full.weight.element_size()
+    torch.testing.assert_close(half(pad_batch(posts, 8)), full(pad_batch(posts, 8)), atol=2e-3, rtol=1e-3)
