@@ -39,7 +39,7 @@ LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 TEXT_RECIPES: dict[str, dict[str, Any]] = {
     # TF-IDF-style words + bigrams + char n-grams, linear SVM; header fields tagged.
     "ngram_bag": {"preprocessing": {"max_tokens": 4096, "header_fields": list(HEADER_FIELDS)},
-                  "min_freq": 1, "max_vocab": 250_000, "ngram": {}},
+                  "min_freq": 1, "max_vocab": 250_000, "ngram": {"weight_dtype": "float16"}},
     "bilstm": {"preprocessing": {"max_tokens": 256}, "min_freq": 2, "max_vocab": 50_000,
                "model": {"max_tokens": 256},
                "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
