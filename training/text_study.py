@@ -102,7 +102,7 @@ def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyO
     else:
         epochs = _epochs(options, settings["epochs"], len(prepared.train_ids))
         run.loop = {"lr": value, "epochs": epochs}
-        model, _, _ = train_text_model(run, prepared)
+        model, _, _ = train_text_model(run, prepared, validate_each_epoch=False)
         logits = validation_logits(model, prepared, options.device)
         accuracy = float((logits.argmax(dim=1) == prepared.val_labels).float().mean())
     return {"arm": arm, "value": value, "fraction": fraction, "seed": seed, "accuracy": accuracy, "epochs": epochs,

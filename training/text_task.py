@@ -204,8 +204,8 @@ def build_text_model(options: TextRunOptions, prepared: PreparedText) -> nn.Modu
     return build_model(options.architecture, config)
 
 
-def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir: Path | None = None
-                     ) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
+def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir: Path | None = None,
+                     validate_each_epoch: bool = True) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
     """Train (or fit) the model of ``options`` on ``prepared``; returns model, history, run details."""
     device = pick_device(options.device)
     recipe = recipe_for(options.architecture)
@@ -232,7 +232,8 @@ def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir:
         return predict_logits(m, evaluation_batches(m, prepared.val_ids, prepared.val_labels,
                                                     prepared.preprocessing.max_tokens), device, loop.precision)
 
-    history = fit(model, source, loop, device=device, validate=validate, state_dir=state_dir,
+    history = fit(model, source, loop, device=device, validate=validate if validate_each_epoch else None,
+                  state_dir=state_dir,
                   stop_after_steps=options.stop_after_steps, description=options.architecture)
     details = {"loop": dataclasses.asdict(loop), "batch_size": batch_size, "frozen_parameters": frozen,
                "freeze": options.freeze, "train_seconds": time.perf_counter() - started, "device": str(device)}
