@@ -1,12 +1,14 @@
 """The in-process limit: the served model's throughput at each batch size, with no HTTP in the way.
 
 Uses the service's own code path (``TaskRunner.prepare`` for decoding, ``InferenceWorker.compute``
-for collate → forward → calibrated softmax), so the gap to the HTTP numbers is the serving overhead.
+for collate → forward → calibrated softmax, in a worker thread as the service does), so the gap to
+the HTTP numbers is the serving overhead.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,9 @@ def measure_limit(checkpoint_dir: Path, image: bytes, batch_sizes: list[int], se
     worker = InferenceWorker(torch_device, max(batch_sizes), 0, 1)
     payload = runner.prepare([image], ["image"])[0]
     decode_rate = _rate(lambda: runner.prepare([image], ["image"]), 1, seconds)
-    rates = {size: _rate(lambda size=size: worker.compute(served, [payload] * size, False), size, seconds)
-             for size in batch_sizes}
+    with ThreadPoolExecutor(max_workers=1) as thread:  # like the service: inference runs in its own thread
+        rates = {size: thread.submit(_rate, lambda size=size: worker.compute(served, [payload] * size, False), size,
+                                     seconds).result() for size in batch_sizes}
     best = max(rates, key=lambda size: rates[size])
     return {
         "model": served.name, "device": str(torch_device), "torch_threads": torch.get_num_threads(),

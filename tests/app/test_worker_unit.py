@@ -1,0 +1,76 @@
+"""The worker in-process: out-of-memory on a single item, and cancelled items are skipped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from app.errors import Unavailable
+from app.registry import ServedModel
+from app.tasks import TaskRunner
+from app.worker import InferenceWorker
+from models.checkpoint import Manifest
+
+
+class _Runner(TaskRunner):
+    task = "image"
+
+    def __init__(self) -> None:
+        pass
+
+    def prepare(self, inputs: Any, names: Any) -> list[Any]:
+        return list(inputs)
+
+    def collate(self, payloads: Any) -> dict[str, torch.Tensor]:
+        return {"x": torch.stack(list(payloads))}
+
+    def warmup_payload(self) -> Any:
+        return torch.zeros(2)
+
+
+class _AlwaysOutOfMemory(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+class _Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _served(model: nn.Module) -> ServedModel:
+    manifest = Manifest(name="m", task="image", architecture="x", config={}, classes=["a", "b"], preprocessing={})
+    return ServedModel("m", manifest, model, _Runner(), Path("."), torch.device("cpu"))
+
+
+def test_single_item_out_of_memory_answers_503() -> None:
+    async def scenario() -> None:
+        worker = InferenceWorker(torch.device("cpu"), 4, 0, 10)
+        worker.start()
+        try:
+            with pytest.raises(Unavailable, match="ran out of memory"):
+                await worker.submit(_served(_AlwaysOutOfMemory()), [torch.zeros(2)], asyncio.get_running_loop().time() + 5)
+        finally:
+            await worker.stop(1)
+
+    asyncio.run(scenario())
+
+
+def test_probabilities_are_the_calibrated_softmax_in_input_order() -> None:
+    async def scenario() -> list[torch.Tensor]:
+        worker = InferenceWorker(torch.device("cpu"), 4, 0, 10)
+        worker.start()
+        try:
+            logits = [torch.tensor([0.0, 1.0]), torch.tensor([2.0, 0.0]), torch.tensor([0.5, 0.5])]
+            return await worker.submit(_served(_Identity()), logits, asyncio.get_running_loop().time() + 5)
+        finally:
+            await worker.stop(1)
+
+    rows = asyncio.run(scenario())
+    expected = torch.softmax(torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 0.5]]), dim=-1)
+    torch.testing.assert_close(torch.stack(rows), expected)
