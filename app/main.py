@@ -11,7 +11,7 @@ from app.lifecycle import Service, lifespan
 from app.metrics import MetricsMiddleware
 from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from app.openapi import install_openapi
-from app.routes import health, image, models, text
+from app.routes import health, image, models, multimodal, text
 from app.settings import Settings
 
 
@@ -21,9 +21,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.getLogger("app").setLevel(settings.log_level.upper())
     service = Service(settings)
     app = FastAPI(title="crossmodal", version="1", lifespan=lifespan,
-                  description="Calibrated image and text classification, dynamically batched on one worker per device.")
+                  description="Calibrated image, text and image + text (multimodal) classification, dynamically batched "
+                              "on one worker per device.")
     app.state.service = service
-    for router in (health.router, models.router, image.router, text.router):
+    for router in (health.router, models.router, image.router, text.router, multimodal.router):
         app.include_router(router)
     install_error_handlers(app)
     install_openapi(app)

@@ -1,7 +1,8 @@
 """The OpenAPI document, adjusted so the /docs page can upload files.
 
 FastAPI describes an optional upload as ``anyOf: [{type: string, contentMediaType: ...}, {type: null}]``
-(and a list of them likewise). Swagger UI shows a file picker only for a plain
+(and a list of them likewise; a part that may also be a plain field, ``UploadFile | str``, adds a
+``{type: string}`` branch). Swagger UI shows a file picker only for a plain
 ``{type: string, format: binary}``, so uploads are rewritten to that form; what the server accepts
 is unchanged (the fields stay optional: they are not ``required``).
 """
@@ -18,6 +19,12 @@ def _is_upload(schema: dict[str, Any]) -> bool:
     return schema.get("type") == "string" and ("contentMediaType" in schema or schema.get("format") == "binary")
 
 
+def _is_upload_item(schema: dict[str, Any]) -> bool:
+    """An upload, or an upload-or-plain-string (a multipart part that may be an empty plain field)."""
+    branches = schema.get("anyOf", [schema])
+    return any(_is_upload(b) for b in branches) and all(b.get("type") == "string" for b in branches)
+
+
 def _plain_upload(prop: dict[str, Any]) -> dict[str, Any] | None:
     branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
     if len(branches) != 1:
@@ -26,7 +33,7 @@ def _plain_upload(prop: dict[str, Any]) -> dict[str, Any] | None:
     keep: dict[str, Any] = {k: prop[k] for k in ("title", "description") if k in prop}
     if _is_upload(branch):
         return {"type": "string", "format": "binary", **keep}
-    if branch.get("type") == "array" and _is_upload(branch.get("items", {})):
+    if branch.get("type") == "array" and _is_upload_item(branch.get("items", {})):
         return {"type": "array", "items": {"type": "string", "format": "binary"}, **keep}
     return None
 

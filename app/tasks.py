@@ -3,21 +3,25 @@
 A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`` (untrusted
 inputs → per-item payloads, CPU, run in a thread pool), ``collate`` (payloads → a batch of device
 tensors), ``forward`` (the model call) and a warm-up payload. The worker is generic over runners;
-a new task (multimodal) adds a runner here and one entry in ``RUNNERS``.
+each task has a runner here and one entry in ``RUNNERS``: images, texts, and image + text pairs
+(``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from app.errors import ServiceError
+from app.errors import InvalidInput, ServiceError
 from app.preprocess import prepare_image
-from models.checkpoint import LoadedCheckpoint
+from models.checkpoint import CheckpointError, LoadedCheckpoint
+
+# importing models.fusion registers the fusion architectures (models/__init__ does not import it)
+from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_text_encoder
 
 
 class TaskRunner(abc.ABC):
@@ -104,8 +108,76 @@ class TextRunner(TaskRunner):
         return self.prepare(["warm up"], ["warm-up"])[0]
 
 
+class Pair(NamedTuple):
+    """One multimodal input: image bytes and text, either ``None`` when the pair lacks that side."""
+
+    image: bytes | None
+    text: str | None
+
+
+class PairPayload(NamedTuple):
+    image: torch.Tensor | None  # uint8 (3, S, S)
+    token_ids: torch.Tensor | None  # (T,) real tokens only, T ≥ 1
+
+
+def _without_padding(ids: torch.Tensor) -> torch.Tensor | None:
+    """A right-padded (T,) id row → its ids up to the last real token; None when it has none."""
+    real = torch.nonzero(ids).flatten()
+    return ids[: int(real[-1]) + 1].clone() if len(real) else None
+
+
+class MultimodalRunner(TaskRunner):
+    """Pairs → (uint8 image or None, token ids or None); collated with the fusion models' own contract."""
+
+    task = "multimodal"
+
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int) -> None:
+        super().__init__(checkpoint, device)
+        try:
+            image, _ = fusion_preprocessing(checkpoint.manifest)
+            self.image_preprocessing = image
+            self.size = int(image["size"])
+            self.mean, self.std = [float(v) for v in image["mean"]], [float(v) for v in image["std"]]
+        except (FusionInputError, KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
+        self.encoder = load_fusion_text_encoder(checkpoint.directory, checkpoint.manifest)
+        self.max_pixels = max_pixels
+
+    def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
+        pairs: list[Pair] = list(inputs)
+        images: list[torch.Tensor | None] = []
+        for pair, name in zip(pairs, names, strict=True):
+            try:
+                images.append(None if pair.image is None
+                              else prepare_image(pair.image, self.image_preprocessing, self.max_pixels))
+            except ServiceError as error:
+                raise _named(error, name) from None
+        token_ids: list[torch.Tensor | None] = [None] * len(pairs)
+        texts = [(index, pair.text) for index, pair in enumerate(pairs) if pair.text is not None]
+        if texts:
+            encoded = self.encoder.encode([text for _, text in texts])  # (P, T), 0 = padding; one spaCy pass
+            for (index, _), row in zip(texts, encoded, strict=True):
+                token_ids[index] = _without_padding(row)
+        payloads = []
+        for index, (image, ids) in enumerate(zip(images, token_ids, strict=True)):
+            if image is None and ids is None:
+                raise InvalidInput(f"{names[index]}: its text has no tokens left after the model's preprocessing and "
+                                   "it has no image; send a text with words in it, or an image")
+            payloads.append(PairPayload(image, ids))
+        return payloads
+
+    def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return collate_fusion_batch([p.image for p in payloads], [p.token_ids for p in payloads],
+                                    self.mean, self.std, self.size, self.device)
+
+    def warmup_payload(self) -> Any:
+        image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        return self.prepare([Pair(None, "warm up")], ["warm-up"])[0]._replace(image=image)
+
+
 RunnerFactory = Callable[[LoadedCheckpoint, torch.device, Any], TaskRunner]
 RUNNERS: dict[str, RunnerFactory] = {
     "image": lambda checkpoint, device, settings: ImageRunner(checkpoint, device, settings.max_image_pixels),
     "text": lambda checkpoint, device, settings: TextRunner(checkpoint, device),
+    "multimodal": lambda checkpoint, device, settings: MultimodalRunner(checkpoint, device, settings.max_image_pixels),
 }

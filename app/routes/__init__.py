@@ -1,1 +1,1 @@
-"""One router per resource: health (health, readiness, metrics), models, image and text classification."""
+"""One router per resource: health (health, readiness, metrics), models, image, text and multimodal classification."""

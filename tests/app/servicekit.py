@@ -1,4 +1,4 @@
-"""Helpers for the service tests: a real uvicorn subprocess on a free port, image encoding."""
+"""Helpers for the service tests: a real uvicorn subprocess on a free port, tiny checkpoints, image encoding."""
 
 from __future__ import annotations
 
@@ -39,6 +39,43 @@ def save_image_model(directory: Path, name: str, architecture: str, config: dict
     manifest = new_manifest(name, "image", architecture, config, classes=CLASSES, preprocessing=IMAGE_PREPROCESSING,
                             calibration={"temperature": temperature}, metrics={"val_accuracy": 0.1})
     save_checkpoint(directory / name, model, manifest)
+
+
+FUSION_CLASSES = ["negative", "neutral", "positive"]
+FUSION_CORPUS = ["Best day ever at the beach", "ugh stuck in traffic again", "the meeting is at noon",
+                 "I love this sunset", "worst service ever"]
+
+
+def save_fusion_model(directory: Path, name: str, architecture: str, temperature: float = 1.0) -> None:
+    """A tiny untrained multimodal checkpoint (``fusion_late`` or ``fusion_joint``) over 32×32 images.
+
+    Weights are random (the text bag's too, which starts at zero) so both sides move the answer.
+    """
+    import torch
+
+    import models.fusion  # noqa: F401  (registers the fusion architectures)
+    from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
+
+    text = TextPreprocessing(max_tokens=64)
+    vocabulary = Vocabulary.build(tokenize(FUSION_CORPUS, text), min_freq=1)
+    config: dict[str, object]
+    if architecture == "fusion_late":
+        config = {"num_classes": 3, "image": {"widths": [8, 16, 16]}, "hidden": 8,
+                  "text": {"vocab_size": len(vocabulary), "num_classes": 3, "max_tokens": 64}}
+    else:
+        config = {"num_classes": 3, "modalities": ["image", "text"], "dim": 16, "depth": 1, "heads": 2,
+                  "image_size": 32, "patch_size": 8, "stem_width": 8, "vocab_size": len(vocabulary),
+                  "max_text_tokens": 64}
+    torch.manual_seed(0)
+    model = build_model(architecture, config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not bool(parameter.any()):
+                parameter.normal_(0, 1)
+    preprocessing = {"kind": "multimodal", "image": IMAGE_PREPROCESSING, "text": text.to_dict()}
+    manifest = new_manifest(name, "multimodal", architecture, config, classes=FUSION_CLASSES,
+                            preprocessing=preprocessing, calibration={"temperature": temperature})
+    save_checkpoint(directory / name, model, manifest, extra_files={text.vocab_file: vocabulary.to_json_bytes()})
 
 
 def free_port() -> int:
