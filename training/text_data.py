@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -177,9 +178,15 @@ def label_budget(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tens
 
 
 def cached_tokens(data: TextDataset, preprocessing: TextPreprocessing,
-                  cache_dir: Path | None = DEFAULT_TOKEN_CACHE) -> list[list[str]]:
-    """Token lists of every text in ``data``, read from / written to the on-disk cache."""
+                  cache_dir: Path | Literal["default"] | None = "default") -> list[list[str]]:
+    """Token lists of every text in ``data``, read from / written to the on-disk cache.
+
+    ``cache_dir``: ``"default"`` is ``DEFAULT_TOKEN_CACHE`` (looked up at call time), ``None`` no cache.
+    """
     import spacy
+
+    if cache_dir == "default":
+        cache_dir = DEFAULT_TOKEN_CACHE
 
     key = hashlib.sha256(f"{data.fingerprint}\n{preprocessing.cache_key()}\nspacy {spacy.__version__}".encode())
     path = cache_dir / f"tokens-{key.hexdigest()[:20]}.json.gz" if cache_dir else None

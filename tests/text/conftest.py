@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tarfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def extract_news_subset(destination: Path, per_class: int, classes: tuple[str, .
             if len(taken) == len(classes) and all(count >= per_class for count in taken.values()):
                 break
     return destination
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Token caches of the text tests go to a temporary folder, never the repository's ``.cache``."""
+    from training import text_data
+
+    folder = tmp_path_factory.mktemp("text-tokens")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text_data, "DEFAULT_TOKEN_CACHE", folder)
+        yield folder
 
 
 @pytest.fixture(scope="session")
