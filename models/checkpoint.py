@@ -99,7 +99,10 @@ def sha256_file(path: Path) -> str:
 
 
 def _fsync_tree(directory: Path) -> None:
+    # mkdtemp makes a 0700 directory: open it up so a server running as another user can read it.
+    directory.chmod(0o755)
     for path in directory.iterdir():
+        path.chmod(0o644)
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
 
