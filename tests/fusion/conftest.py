@@ -1,0 +1,99 @@
+"""Fixtures for the fusion tests: a small real subset of the paired data and tiny parent checkpoints."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import build_model
+from models.checkpoint import new_manifest, save_checkpoint
+from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+ARCHIVE = SHARED_DATA / "mvsa-pairs-train.tar.gz"
+SUBSET_PAIRS = 600
+
+
+def extract_pairs_subset(destination: Path, pairs: int) -> Path:
+    """The first ``pairs`` pairs (by image order in the archive) of the shared paired training data."""
+    if not ARCHIVE.is_file():
+        pytest.skip(f"shared data missing: {ARCHIVE}")
+    images: dict[str, bytes] = {}
+    lines: list[str] = []
+    with tarfile.open(ARCHIVE) as tar:
+        for member in tar:
+            path = Path(member.name)
+            if not member.isfile():
+                continue
+            source = tar.extractfile(member)
+            assert source is not None
+            if path.name == "train.jsonl":
+                lines = source.read().decode("utf-8").splitlines()
+            elif path.parent.name == "images" and len(images) < pairs:
+                images[path.stem] = source.read()
+            if lines and len(images) >= pairs:
+                break
+    (destination / "images").mkdir(parents=True)
+    kept = []
+    for line in lines:
+        row = json.loads(line)
+        if row["id"] in images:
+            (destination / "images" / f"{row['id']}.jpg").write_bytes(images[row["id"]])
+            kept.append(line)
+    (destination / "train.jsonl").write_text("\n".join(kept) + "\n")
+    return destination
+
+
+@pytest.fixture(scope="session")
+def pairs_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 real image + tweet pairs in the shared layout (train.jsonl + images/)."""
+    return extract_pairs_subset(tmp_path_factory.mktemp("pairs") / "mvsa", SUBSET_PAIRS)
+
+
+@pytest.fixture(scope="session")
+def fastconv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny (untrained, seeded, whitened) fastconv image checkpoint."""
+    torch.manual_seed(11)
+    model = build_model("fastconv", {"num_classes": 10, "widths": [8, 16, 16]})
+    model.init_whitening(torch.randn(64, 3, 32, 32))  # type: ignore[operator]
+    manifest = new_manifest("tiny-fastconv", "image", "fastconv", model.config, classes=[f"c{i}" for i in range(10)],
+                            preprocessing={"kind": "image", "size": 32, "mean": [0.49, 0.48, 0.45],
+                                           "std": [0.25, 0.24, 0.26], "color": "RGB", "resize": "bilinear"})
+    return save_checkpoint(tmp_path_factory.mktemp("parents") / "fastconv", model, manifest)
+
+
+@pytest.fixture(scope="session")
+def trunk_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny (untrained, seeded) image trunk checkpoint."""
+    torch.manual_seed(12)
+    model = build_model("trunk", {"num_classes": 10, "dim": 32, "depth": 1, "heads": 2, "patch_size": 8,
+                                  "stem_width": 8})
+    manifest = new_manifest("tiny-trunk", "image", "trunk", model.config, classes=[f"c{i}" for i in range(10)],
+                            preprocessing={"kind": "image", "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
+    return save_checkpoint(tmp_path_factory.mktemp("parents") / "trunk", model, manifest)
+
+
+@pytest.fixture(scope="session")
+def ngram_text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ngram_bag text checkpoint (random weights) whose preprocessing tags headers, as 20NG's may."""
+    from training.fusion_text import BagOptions, build_bag
+
+    preprocessing = TextPreprocessing(header_fields=("subject",), max_tokens=256)
+    texts = ["Subject: space shuttle\n\nthe launch was great", "graphics cards are slow today",
+             "hockey game tonight was a great game", "religion and the shuttle launch"] * 3
+    token_lists = tokenize(texts, preprocessing)
+    vocabulary = Vocabulary.build(token_lists, min_freq=1)
+    ids = [vocabulary.lookup(tokens) for tokens in token_lists]
+    torch.manual_seed(13)
+    bag = build_bag(ids, vocabulary, 4, BagOptions(bigram_min_df=1, char_min_df=1, max_tokens=256))
+    with torch.no_grad():
+        bag.weight.normal_()
+        bag.bias.normal_()
+    manifest = new_manifest("tiny-news", "text", "ngram_bag", bag.config, classes=["a", "b", "c", "d"],
+                            preprocessing=preprocessing.to_dict())
+    return save_checkpoint(tmp_path_factory.mktemp("parents") / "news", bag, manifest,
+                           extra_files={"vocab.json": vocabulary.to_json_bytes()})

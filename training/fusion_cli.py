@@ -1,0 +1,87 @@
+"""The fusion commands of ``python -m training``: ``finetune-fusion`` and ``fusion-study``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from training.fusion_stacking import ScorerOptions
+
+
+def _modalities(text: str) -> tuple[str, ...]:
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not parts or set(parts) - {"image", "text"}:
+        raise argparse.ArgumentTypeError(f"modalities must be image, text or image,text; got {text!r}")
+    return parts
+
+
+def _finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from training.fusion_task import FusionOptions, run_fusion_training
+
+    return run_fusion_training(FusionOptions(
+        data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from, arch=args.arch,
+        modalities=args.modalities, image_size=args.image_size, validation_fraction=args.validation_fraction,
+        seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        modality_dropout=args.modality_dropout, class_weighting=args.class_weighting,
+        text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
+        device=args.device, name=args.name, limit=args.limit,
+        command=args.command_line,
+    ))
+
+
+def _study(args: argparse.Namespace) -> dict[str, Any]:
+    from training.fusion_study import StudyOptions, run_fusion_study
+
+    return run_fusion_study(StudyOptions(
+        data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from,
+        joint_image_from=args.joint_image_from, seeds=args.seeds, quick=args.quick, limit=args.limit,
+        device=args.device, arms=tuple(args.arms.split(",")) if args.arms else None,
+    ))
+
+
+def add_commands(commands: Any) -> None:
+    finetune = commands.add_parser("finetune-fusion", help="train an image + text fusion model on paired data")
+    finetune.add_argument("--data", type=Path, required=True,
+                          help="pair manifest (.jsonl/.csv: id,image,text,label) or its folder")
+    finetune.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
+    finetune.add_argument("--image-from", type=Path,
+                          help="image checkpoint (late: fastconv; joint: trunk); omit to start from scratch")
+    finetune.add_argument("--text-from", type=Path,
+                          help="text checkpoint (vocabulary, topic model / text adapter); omit for scratch")
+    finetune.add_argument("--arch", choices=["late", "joint"], default="late")
+    finetune.add_argument("--modalities", type=_modalities, default=("image", "text"),
+                          help="train and evaluate with only these (image, text or image,text)")
+    finetune.add_argument("--image-size", type=int, help="image side fed to the encoder (late default 64, joint the trunk's)")
+    finetune.add_argument("--epochs", type=int)
+    finetune.add_argument("--lr", type=float)
+    finetune.add_argument("--weight-decay", type=float)
+    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--modality-dropout", type=float, default=0.3,
+                          help="probability that a training pair loses its image or its text (never both)")
+    finetune.add_argument("--class-weighting", choices=["none", "sqrt", "balanced"],
+                          help="loss weights of the trained part (default: late none — its scorers are fitted "
+                               "with balanced weights; joint sqrt)")
+    finetune.add_argument("--text-C", type=float, default=3.0, help="inverse L2 strength of the text scorer's fit")
+    finetune.add_argument("--image-C", type=float, default=0.01, help="inverse L2 strength of the image scorer's fit")
+    finetune.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores the head trains on")
+    finetune.add_argument("--validation-fraction", type=float, default=0.2)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--device", default="auto")
+    finetune.add_argument("--name")
+    finetune.add_argument("--limit", type=int, help="train on only this many pairs (quick checks)")
+    finetune.set_defaults(handler=_finetune)
+
+    study = commands.add_parser("fusion-study", help="image / text / late / joint, transferred vs scratch, 3 seeds")
+    study.add_argument("--data", type=Path, required=True)
+    study.add_argument("--output", type=Path, required=True, help="folder for results.json, table.md and plot.png")
+    study.add_argument("--image-from", type=Path, required=True, help="fastconv image checkpoint")
+    study.add_argument("--text-from", type=Path, required=True, help="text checkpoint")
+    study.add_argument("--joint-image-from", type=Path,
+                       help="image trunk checkpoint for the joint arm (omit: joint transferred is skipped)")
+    study.add_argument("--seeds", type=int, default=3)
+    study.add_argument("--arms", help="comma-separated subset of image,text,late,joint")
+    study.add_argument("--quick", action="store_true", help="tiny budget: a smoke test of the whole study")
+    study.add_argument("--limit", type=int, help="train on only this many pairs")
+    study.add_argument("--device", default="auto")
+    study.set_defaults(handler=_study)
