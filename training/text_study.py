@@ -4,6 +4,8 @@ Arms, all the same ``trunk`` text model (dims from the image checkpoint) on the 
 validation split (``split_seed`` 0):
 
 * ``scratch`` — random initialisation;
+* ``random-frozen`` — control: a random trunk, frozen except its LayerNorms (is it the image
+  knowledge that helps, or only training the adapter and head on a fixed trunk?);
 * ``image-frozen`` — trunk from the image checkpoint, frozen except its LayerNorms;
 * ``image-finetuned`` — trunk from the image checkpoint, everything trained;
 * ``tfidf-svm`` — reference: TF-IDF (word 1–2-grams, sublinear tf) + linear SVM (scikit-learn).
@@ -27,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import read_manifest
 from training.text_data import load_text_data
 from training.text_task import PreparedText, TextRunOptions, prepare_text_run, train_text_model, validation_logits
 
@@ -36,11 +39,13 @@ ARMS: dict[str, dict[str, Any]] = {
     # A first pass with grids one step lower picked the top value for every neural arm, so the grids
     # were shifted up one step; the earlier runs stay in runs.json.
     "scratch": {"image": False, "freeze": "none", "grid": (1e-3, 3e-3, 1e-2)},
-    "image-frozen": {"image": True, "freeze": "trunk-except-norms", "grid": (3e-3, 1e-2, 3e-2)},
+    "random-frozen": {"image": False, "freeze": "trunk-except-norms", "grid": (3e-3, 1e-2, 3e-2, 1e-1)},
+    "image-frozen": {"image": True, "freeze": "trunk-except-norms", "grid": (3e-3, 1e-2, 3e-2, 1e-1)},
     "image-finetuned": {"image": True, "freeze": "none", "grid": (1e-3, 3e-3, 1e-2)},
     "tfidf-svm": {"image": False, "freeze": "none", "grid": (0.3, 1.0, 3.0)},  # C, not a learning rate
 }
-NEURAL_ARMS = ("scratch", "image-frozen", "image-finetuned")
+NEURAL_ARMS = ("scratch", "random-frozen", "image-frozen", "image-finetuned")
+TRUNK_SHAPE = ("dim", "depth", "heads", "mlp_ratio", "dropout")
 
 
 @dataclasses.dataclass
@@ -91,8 +96,10 @@ def _tfidf_accuracy(prepared: PreparedText, c: float) -> float:
 def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyOptions, settings: dict[str, Any],
              data: Any) -> dict[str, Any]:
     spec = ARMS[arm]
+    image_config = read_manifest(options.image_checkpoint).config
     run = TextRunOptions(
         data=options.data, architecture="trunk", preprocessing={"max_tokens": settings["max_tokens"]},
+        model_config={} if spec["image"] else {k: image_config[k] for k in TRUNK_SHAPE if k in image_config},
         seed=seed, device=options.device, parent=options.image_checkpoint if spec["image"] else None,
         freeze=spec["freeze"], label_fraction=fraction, batch_size=options.batch_size,
     )

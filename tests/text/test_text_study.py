@@ -14,12 +14,12 @@ def test_transfer_study_quick_writes_table_plot_and_every_arm(image_trunk_checkp
     assert main(["transfer-study", "--from", str(image_trunk_checkpoint), "--data", str(news_subset),
                  "--output", str(results), "--quick", "--device", "cpu"]) == 0
     table = (results / "results.md").read_text()
-    for arm in ("scratch", "image-frozen", "image-finetuned", "tfidf-svm"):
+    for arm in ("scratch", "random-frozen", "image-frozen", "image-finetuned", "tfidf-svm"):
         assert f"`{arm}`" in table
     assert "50% labels" in table and "100% labels" in table and " ± " in table
     assert (results / "transfer.png").stat().st_size > 1000
     runs = json.loads((results / "runs.json").read_text())
-    assert len(runs) == 8 and all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+    assert len(runs) == 10 and all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
     # a second call resumes: nothing is trained again
     assert main(["transfer-study", "--from", str(image_trunk_checkpoint), "--data", str(news_subset),
                  "--output", str(results), "--quick", "--device", "cpu"]) == 0
