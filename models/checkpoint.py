@@ -107,6 +107,21 @@ def _fsync_tree(directory: Path) -> None:
             os.fsync(handle.fileno())
 
 
+def publish_directory(staging: Path, target: Path) -> None:
+    """Move a complete ``staging`` directory to ``target``, replacing any old one only at the end.
+
+    Directories cannot be swapped in one rename, so the old one is first renamed aside; a crash in
+    between leaves either the old or the new directory in place, never a half-written one.
+    """
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
     model: nn.Module,
@@ -139,13 +154,7 @@ def save_checkpoint(
             manifest.files[name] = hashlib.sha256(content).hexdigest()
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
         _fsync_tree(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / "checkpoint")
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        publish_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -28,6 +27,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
+
+from models.checkpoint import publish_directory
 
 logger = logging.getLogger(__name__)
 
@@ -142,13 +143,7 @@ def save_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
             {k: v for k, v in group.items() if k != "params"} for group in optimizer_state["param_groups"]
         ],
     }))
-    if directory.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-        os.replace(directory, retired / "state")
-        os.replace(staging, directory)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, directory)
+    publish_directory(staging, directory)
 
 
 def load_training_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
