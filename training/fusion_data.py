@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +86,11 @@ def find_manifest(path: str | Path) -> Path:
     return path
 
 
+def _folder(path: Path) -> Path:
+    """Absolute and normalised, symlinks kept."""
+    return Path(os.path.normpath(path.absolute()))
+
+
 def _optional(value: object, column: str, where: str) -> str | None:
     if value is None:
         return None
@@ -111,8 +117,9 @@ def _record(values: dict[str, object], root: Path, where: str, line: int) -> Pai
         raise DataError(f"{where}: pair {identifier!r} has neither an image nor a text")
     image_path = None
     if image_name is not None:
-        image_path = (root / image_name).resolve()
-        if not image_path.is_relative_to(root.resolve()):
+        # lexical check (a symlinked images folder is fine; '../' and absolute paths are not)
+        image_path = Path(os.path.normpath(_folder(root) / image_name))
+        if not image_path.is_relative_to(_folder(root)):
             raise DataError(f"{where}: image path {image_name!r} leaves the data folder {root}")
         if not image_path.is_file():
             raise DataError(f"{where}: image file {image_name!r} not found (looked for {image_path})")
@@ -178,7 +185,7 @@ def _fingerprint(manifest: Path, records: Sequence[PairRecord], size: int) -> st
     for record in records:
         image = b""
         if record.image is not None:
-            image = f"{record.image.relative_to(manifest.parent.resolve())}:{record.image.stat().st_size}".encode()
+            image = f"{record.image.relative_to(_folder(manifest.parent))}:{record.image.stat().st_size}".encode()
         digest.update(b"\x00".join([record.id.encode(), image, (record.text or "").encode("utf-8", "replace"),
                                     record.label.encode()]) + b"\x01")
     return digest.hexdigest()

@@ -29,6 +29,13 @@ def _logistic(C: float, seed: int) -> Any:
     return LogisticRegression(C=C, max_iter=3000, class_weight="balanced", random_state=seed)
 
 
+def _active_columns(matrix: Any) -> np.ndarray:
+    """Columns with any non-zero entry: the others get weight 0 under L2 anyway, so L-BFGS can skip them."""
+    if hasattr(matrix, "getnnz"):
+        return np.flatnonzero(matrix.getnnz(axis=0) > 0)
+    return np.arange(matrix.shape[1])
+
+
 def fit_scorer(matrix: Any, labels: torch.Tensor, classes: int, options: ScorerOptions,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight (classes, features), bias (classes,)) of the fit on ``matrix`` (rows × features)."""
@@ -36,9 +43,11 @@ def fit_scorer(matrix: Any, labels: torch.Tensor, classes: int, options: ScorerO
     present = np.unique(y)
     if len(present) != classes:
         raise ValueError(f"the training rows cover {len(present)} of {classes} classes; every class needs examples")
-    classifier = _logistic(options.C, seed).fit(matrix, y)
-    return (torch.from_numpy(np.asarray(classifier.coef_, dtype=np.float32)),
-            torch.from_numpy(np.asarray(classifier.intercept_, dtype=np.float32)))
+    active = _active_columns(matrix)
+    classifier = _logistic(options.C, seed).fit(matrix[:, active], y)
+    weight = np.zeros((classes, matrix.shape[1]), dtype=np.float32)
+    weight[:, active] = classifier.coef_
+    return torch.from_numpy(weight), torch.from_numpy(np.asarray(classifier.intercept_, dtype=np.float32))
 
 
 def out_of_fold_scores(matrix: Any, labels: torch.Tensor, classes: int, options: ScorerOptions,
@@ -50,8 +59,9 @@ def out_of_fold_scores(matrix: Any, labels: torch.Tensor, classes: int, options:
     scores = np.zeros((len(y), classes), dtype=np.float32)
     folds = StratifiedKFold(n_splits=options.folds, shuffle=True, random_state=seed)
     for train_rows, held_rows in folds.split(np.zeros(len(y)), y):
-        classifier = _logistic(options.C, seed).fit(matrix[train_rows], y[train_rows])
-        scores[held_rows] = classifier.decision_function(matrix[held_rows])
+        active = _active_columns(matrix[train_rows])
+        classifier = _logistic(options.C, seed).fit(matrix[train_rows][:, active], y[train_rows])
+        scores[held_rows] = classifier.decision_function(matrix[held_rows][:, active])
     return torch.from_numpy(scores)
 
 

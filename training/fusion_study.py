@@ -11,8 +11,10 @@ text reference and the majority class. Writes ``results.json``, ``table.md`` and
   frozen topic model; scratch: a randomly initialised fastconv (frozen: random features, whitened
   on the training photos) and a vocabulary from the training texts only. The text bag is fitted
   on the training texts in both.
-* joint: the trunk trained end to end; transferred starts from the image trunk checkpoint (image
-  adapter + trunk) and the text checkpoint's vocabulary (and text adapter when it is a trunk).
+* joint: the trunk trained end to end for ``JOINT_EPOCHS`` (the study's budget; ``finetune-fusion``
+  trains longer); transferred starts from the image trunk checkpoint (image adapter + trunk) and,
+  when the text checkpoint is a ``trunk``, its text adapter; an n-gram text checkpoint has nothing
+  the adapter can use, so the text side of both joint arms starts from scratch.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from training.common import pick_device
 from training.fusion_data import load_pairs
 from training.fusion_stacking import ScorerOptions
 from training.fusion_task import (
+    LATE_IMAGE_SIZE,
     FusionOptions,
     build_joint,
     build_late,
@@ -48,6 +51,7 @@ from training.metrics import classification_metrics
 logger = logging.getLogger(__name__)
 
 ARMS = ("image", "text", "late", "joint")
+JOINT_EPOCHS = 2  # the trunk trains end to end: 1–2 min an epoch on 2 cores, the study's largest cost
 LATE_ARMS = {"image": ("image",), "text": ("text",), "late": ("image", "text")}
 
 
@@ -83,10 +87,10 @@ def run_fusion_study(options: StudyOptions) -> dict[str, Any]:
         raise ValueError("--seeds must be ≥ 1")
     started = time.perf_counter()
     device = pick_device(options.device)
-    late_size = 32 if options.quick else 64
+    late_size = LATE_IMAGE_SIZE
     base = FusionOptions(data=options.data, limit=options.limit or (300 if options.quick else None),
                          image_size=late_size, epochs=3 if options.quick else None,
-                         text_scorer=ScorerOptions(C=3.0, folds=2 if options.quick else 5),
+                         text_scorer=ScorerOptions(C=1.0, folds=2 if options.quick else 5),
                          image_scorer=ScorerOptions(C=0.01, folds=2 if options.quick else 5))
     image_parent = load_image_parent(options.image_from, ("fastconv",))
     text_parent = load_text_parent(options.text_from)
@@ -130,7 +134,7 @@ def run_fusion_study(options: StudyOptions) -> dict[str, Any]:
             if init == "transferred" and image is None:
                 logger.warning("no --joint-image-from: skipping the transferred joint arm")
                 continue
-            joint_options = dataclasses.replace(base, arch="joint", image_size=32, epochs=1 if options.quick else None)
+            joint_options = dataclasses.replace(base, arch="joint", image_size=32, epochs=1 if options.quick else JOINT_EPOCHS)
             prep = prepare(joint_options, image, text, data=joint_data,
                            token_lists=tokens_for(text.encoder.preprocessing if text else None))
             for seed in range(options.seeds):

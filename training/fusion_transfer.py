@@ -5,7 +5,8 @@
   ``topic`` branch, and its vocabulary and tokenisation settings start the fusion vocabulary.
 * Joint fusion: an image ``trunk`` checkpoint gives the image adapter and the shared trunk; a text
   ``trunk`` checkpoint gives the text adapter (embedding rows of the tokens both vocabularies share,
-  positions); any other text checkpoint gives only its vocabulary and settings.
+  positions) and its vocabulary. Other text checkpoints have nothing the adapter can use and are
+  set aside by ``training.fusion_task.prepare``.
 
 Every copy is by tensor name and checked for shape; a checkpoint of the wrong task or architecture
 is a clear ``TransferError``.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.checkpoint import load_state_dict
-from training.fusion_task import FusionOptions, build_joint, build_late, prepare
+from training.fusion_task import FusionOptions, build_joint, build_late, prepare, train_late_head
 from training.fusion_transfer import TransferError, load_image_parent, load_text_parent
 
 
@@ -63,3 +63,29 @@ def test_parents_of_the_wrong_kind_are_refused_clearly(fastconv_checkpoint: Path
         load_image_parent(ngram_text_checkpoint, ("fastconv",))
     with pytest.raises(TransferError, match="--text-from needs a text checkpoint"):
         load_text_parent(trunk_checkpoint)
+
+
+def test_pairs_missing_a_side_train_and_predict(pairs_subset: Path, fastconv_checkpoint: Path, tmp_path: Path) -> None:
+    import json
+
+    rows = [json.loads(line) for line in (pairs_subset / "train.jsonl").read_text().splitlines()]
+    for row in rows[:30]:
+        row["image"] = None
+    for row in rows[30:60]:
+        row["text"] = ""
+    (tmp_path / "images").symlink_to(pairs_subset / "images")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = FusionOptions(data=tmp_path, image_from=fastconv_checkpoint, limit=300, epochs=2)
+    prep = prepare(options)
+    assert int((~prep.data.has_image).sum()) == 30 and int((~prep.data.has_text).sum()) == 30
+    encoded = build_late(prep, options, seed=0)
+    _, logits = train_late_head(encoded, prep, options, 0, torch.device("cpu"))
+    assert logits["fused"].shape == (len(prep.val_idx), 3) and torch.isfinite(logits["fused"]).all()
+
+
+def test_joint_fusion_sets_aside_a_text_checkpoint_without_a_text_adapter(pairs_subset: Path, trunk_checkpoint: Path,
+                                                                          ngram_text_checkpoint: Path) -> None:
+    options = _options(pairs_subset, arch="joint", image_from=trunk_checkpoint, text_from=ngram_text_checkpoint)
+    prep = prepare(options)
+    assert prep.text_parent is None and prep.image_parent is not None
+    assert "subject:space" not in prep.vocabulary.stoi  # the vocabulary comes from the training texts alone
