@@ -26,7 +26,6 @@ serve: $(VENV)/.serve-installed
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check .
-	$(PY) -m ruff format --check app models training tests benchmarks || true
 
 typecheck: $(VENV)/.dev-installed
 	$(PY) -m mypy app models training

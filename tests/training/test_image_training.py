@@ -31,7 +31,7 @@ def test_short_run_beats_chance_and_writes_a_complete_checkpoint(cifar_subset: P
     validation = manifest.metrics["validation"]
     assert validation["accuracy"] > 0.2  # chance is 0.1
     assert manifest.classes == sorted(p.name for p in cifar_subset.iterdir())
-    assert manifest.calibration["ece_after"] <= manifest.calibration["ece_before"] + 1e-6
+    assert manifest.calibration["nll_after"] <= manifest.calibration["nll_before"] + 1e-4  # T minimises validation NLL
     assert manifest.preprocessing["size"] == 32 and len(manifest.preprocessing["mean"]) == 3
     assert manifest.training_command.startswith("python -m training pretrain-image")
     assert len(manifest.data_fingerprint) == 64
