@@ -17,7 +17,8 @@ def _modalities(text: str) -> tuple[str, ...]:
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from training.fusion_task import FusionOptions, run_fusion_training
+    from training.fusion_prep import FusionOptions
+    from training.fusion_task import run_fusion_training
 
     return run_fusion_training(FusionOptions(
         data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from, arch=args.arch,

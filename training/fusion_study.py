@@ -32,17 +32,11 @@ import torch
 from models.text_encoding import tokenize
 from training.common import pick_device
 from training.fusion_data import load_pairs
+from training.fusion_joint import build_joint, train_joint
+from training.fusion_late import build_late, train_late_head
+from training.fusion_prep import LATE_IMAGE_SIZE, FusionOptions, prepare
 from training.fusion_stacking import ScorerOptions
-from training.fusion_task import (
-    LATE_IMAGE_SIZE,
-    FusionOptions,
-    build_joint,
-    build_late,
-    prepare,
-    tfidf_svm_reference,
-    train_joint,
-    train_late_head,
-)
+from training.fusion_task import tfidf_svm_reference
 from training.fusion_text import tweet_preprocessing
 from training.fusion_transfer import load_image_parent, load_text_parent
 from training.image_data import write_json

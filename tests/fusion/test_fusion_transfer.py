@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from models.checkpoint import load_state_dict
-from training.fusion_task import FusionOptions, build_joint, build_late, prepare, train_late_head
+from training.fusion_joint import build_joint
+from training.fusion_late import build_late, train_late_head
+from training.fusion_prep import FusionOptions, prepare
 from training.fusion_transfer import TransferError, load_image_parent, load_text_parent
 
 

@@ -1,0 +1,175 @@
+"""Late fusion training: per-modality scorers with out-of-fold scores, then the fusion head.
+
+1. Scorers. The image encoder is the pretrained fastconv body, frozen (CIFAR filters applied to
+   the photos; features computed once), with a balanced logistic scorer on its standardised
+   features. The text n-gram bag's tables come from the training texts and its linear layer is a
+   balanced logistic fit on its features. Every training pair also gets *out-of-fold* scores from
+   scorers fitted without it (``training.fusion_stacking``), so the head never learns from scores a
+   scorer produced for pairs it memorised. The transferred text model is frozen (its topic
+   log-probabilities join the text scores).
+2. Head, on the cached scores: cross-entropy (weighted as the options say), modality dropout (a
+   training pair loses its image or its text with probability ``modality_dropout``, never both),
+   AdamW, one thread (a model this small only waits on thread barriers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from models.fusion import LateFusionClassifier, LateFusionConfig
+from models.image_cnn import FastConvConfig
+from models.text_encoding import pad_batch
+from training.fusion_prep import FusionOptions, Prepared, drop_modalities, loop_config, presence
+from training.fusion_stacking import fit_scorer, load_linear, out_of_fold_scores
+from training.fusion_text import build_bag, feature_matrix
+from training.fusion_transfer import init_late_image_encoder, init_late_topic
+from training.image_data import normalize
+from training.loop import Batch, fit, predict_logits, seeded_generator
+
+
+@dataclasses.dataclass
+class LateEncoded:
+    """A late fusion model with fitted scorers, and the cached scores its head trains on."""
+
+    model: LateFusionClassifier
+    image_scores: torch.Tensor  # (N, classes): out-of-fold on train rows, the fitted scorer's elsewhere
+    text_scores: torch.Tensor  # (N, text_width): likewise for the bag's columns; topic log-probabilities after
+    copied: dict[str, list[str]]
+
+
+def _has_topic(prep: Prepared) -> bool:
+    return prep.text_parent is not None and prep.text_parent.manifest.architecture == "ngram_bag"
+
+
+def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded:
+    """Stage 1: the late model with its encoders initialised and both scorers fitted (plus out-of-fold scores)."""
+    torch.manual_seed(seed)
+    classes = len(prep.data.classes)
+    text_rows = prep.train_idx[prep.data.has_text[prep.train_idx]]
+    image_rows = prep.train_idx[prep.data.has_image[prep.train_idx]]
+    text_ids = [prep.ids[i] for i in text_rows.tolist()]
+    bag = build_bag(text_ids, prep.vocabulary, classes, options.bag)
+    known = {f.name for f in dataclasses.fields(FastConvConfig)}
+    image_config = {k: v for k, v in (prep.image_parent.manifest.config if prep.image_parent else {}).items() if k in known}
+    topic = dict(prep.text_parent.manifest.config) if _has_topic(prep) and prep.text_parent is not None else {}
+    model = LateFusionClassifier(LateFusionConfig(num_classes=classes, image=image_config,
+                                                  text=dataclasses.asdict(bag.config), topic=topic))
+    model.text_bag.load_state_dict(bag.state_dict())
+    copied: dict[str, list[str]] = {}
+    if prep.image_parent is not None:
+        copied["image"] = init_late_image_encoder(model, prep.image_parent)
+    else:
+        model.image_encoder.init_whitening(normalize(prep.data.images[image_rows[:2000]], prep.mean, prep.std))
+    if prep.text_parent is not None and topic:
+        copied["text"] = init_late_topic(model, prep.text_parent)
+    model.eval()
+    # image side: frozen features, standardised with training statistics, balanced logistic scorer
+    features = _image_features(model, prep)  # (N, width)
+    with torch.no_grad():
+        model.image_mean.copy_(features[image_rows].mean(dim=0))
+        model.image_std.copy_(features[image_rows].std(dim=0).clamp(min=1e-4))
+    standardised = ((features - model.image_mean) / model.image_std).numpy()
+    weight, bias = fit_scorer(standardised[image_rows.numpy()], prep.data.labels[image_rows], classes, options.image_scorer, seed)
+    load_linear(model.image_scorer, weight, bias)
+    with torch.no_grad():
+        image_scores = model.image_scores(features)
+    image_scores[image_rows] = out_of_fold_scores(standardised[image_rows.numpy()], prep.data.labels[image_rows], classes,
+                                                  options.image_scorer, seed)
+    # text side: the bag's linear layer fitted on its own features
+    matrix = feature_matrix(model.text_bag, text_ids)
+    weight, bias = fit_scorer(matrix, prep.data.labels[text_rows], classes, options.text_scorer, seed)
+    load_linear(model.text_bag, weight, bias, transpose=True)
+    text_scores = _text_scores(model, prep.ids)
+    text_scores[text_rows, :classes] = out_of_fold_scores(matrix, prep.data.labels[text_rows], classes, options.text_scorer, seed)
+    return LateEncoded(model, image_scores, text_scores, copied)
+
+
+@torch.no_grad()
+def _image_features(model: LateFusionClassifier, prep: Prepared, batch_size: int = 256) -> torch.Tensor:
+    features = []
+    for start in range(0, len(prep.data), batch_size):
+        images = normalize(prep.data.images[start:start + batch_size], prep.mean, prep.std)
+        features.append(model.image_features(images))
+    return torch.cat(features)  # (N, width)
+
+
+@torch.no_grad()
+def _text_scores(model: LateFusionClassifier, ids: Sequence[Sequence[int]], batch_size: int = 512) -> torch.Tensor:
+    max_tokens = model.text_bag.config.max_tokens
+    return torch.cat([model.text_scores(pad_batch(ids[s:s + batch_size], max_tokens))
+                      for s in range(0, len(ids), batch_size)])  # (N, text_width)
+
+
+class _FusionHead(nn.Module):
+    """The late model seen through its head: cached features in, logits out (encoders untouched)."""
+
+    def __init__(self, model: LateFusionClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_scores: torch.Tensor, text_scores: torch.Tensor, image_mask: torch.Tensor,
+                text_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.fuse(image_scores, text_scores, image_mask, text_mask)
+
+
+class _HeadBatches:
+    def __init__(self, encoded: LateEncoded, prep: Prepared, modalities: Sequence[str], batch_size: int,
+                 seed: int, modality_dropout: float) -> None:
+        self.encoded, self.prep, self.indices = encoded, prep, prep.train_idx
+        self.modalities, self.batch_size, self.seed, self.rate = tuple(modalities), batch_size, seed, modality_dropout
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.indices) / self.batch_size))
+
+    def batch(self, epoch: int, step: int, rank: int, world_size: int) -> Batch:
+        order = torch.randperm(len(self.indices), generator=seeded_generator(self.seed, epoch))
+        rows = self.indices[order[step * self.batch_size:(step + 1) * self.batch_size]]
+        image_mask, text_mask = presence(self.prep, rows, self.modalities)
+        image_mask, text_mask = drop_modalities(image_mask, text_mask, self.rate, seeded_generator(self.seed, epoch, step, 7))
+        inputs = (self.encoded.image_scores[rows], self.encoded.text_scores[rows], image_mask, text_mask)
+        return inputs, self.prep.data.labels[rows]
+
+
+def _head_eval_batches(encoded: LateEncoded, prep: Prepared, rows: torch.Tensor, modalities: Sequence[str]) -> Iterator[Batch]:
+    image_mask, text_mask = presence(prep, rows, modalities)
+    yield (encoded.image_scores[rows], encoded.text_scores[rows], image_mask, text_mask), prep.data.labels[rows]
+
+
+def train_late_head(encoded: LateEncoded, prep: Prepared, options: FusionOptions, seed: int,
+                    device: torch.device) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
+    """Stage 2: fit the fusion head (fresh init from ``seed``); returns the history and validation logits."""
+    model = encoded.model
+    model.requires_grad_(False)
+    model.linear.requires_grad_(True)
+    model.mlp.requires_grad_(True)
+    torch.manual_seed(seed)
+    for module in (model.linear, model.mlp):
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    head = _FusionHead(model)
+    config = loop_config(dataclasses.replace(options, seed=seed), prep.data.labels[prep.train_idx], len(prep.data.classes))
+    source = _HeadBatches(encoded, prep, options.modalities, options.batch_size, seed, options.modality_dropout)
+
+    def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return predict_logits(m, _head_eval_batches(encoded, prep, prep.val_idx, options.modalities), device, "fp32")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a head this small only waits on thread barriers (10× slower on a busy machine)
+    try:
+        history = fit(head, source, config, device=device, validate=validate, description="fusion head")
+    finally:
+        torch.set_num_threads(threads)
+    head.to("cpu")
+    logits = {}
+    for name, modalities in (("fused", options.modalities), ("image_only", ("image",)), ("text_only", ("text",))):
+        if set(modalities) <= set(options.modalities):
+            logits[name] = predict_logits(head, _head_eval_batches(encoded, prep, prep.val_idx, modalities),
+                                          torch.device("cpu"), "fp32")[0]
+    model.eval()
+    return history, logits

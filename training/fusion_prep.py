@@ -1,0 +1,172 @@
+"""What every fusion run shares: its options, the recipes, and the preparation of data and parents.
+
+``prepare`` loads (or reuses) the pairs and the parent checkpoints, splits them (20% validation,
+stratified, split seed fixed so every run and study arm is scored on the same pairs), tokenises the
+texts under the fusion preprocessing and builds the fusion vocabulary. The presence masks, modality
+dropout and loss weighting used by both fusion architectures live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
+from training.fusion_data import PairDataset, load_pairs
+from training.fusion_stacking import ScorerOptions
+from training.fusion_text import BagOptions, build_vocabulary, tweet_preprocessing
+from training.fusion_transfer import Parent, TextParent, load_image_parent, load_text_parent
+from training.image_data import channel_stats, stratified_split
+from training.loop import LoopConfig, seeded_generator
+from training.metrics import classification_metrics
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SEED = 0  # every run and every study arm shares one validation split
+ARCHITECTURES = {"late": "fusion_late", "joint": "fusion_joint"}
+MODALITIES = ("image", "text")
+JOINT_TEXT_TOKENS = 40  # tweets are ~20 tokens; attention and padding cost grow with the longest in a batch
+LATE_IMAGE_SIZE = 32  # the CIFAR filters' scale; features of 64×64 photos measured no better
+
+
+@dataclasses.dataclass
+class FusionOptions:
+    data: Path
+    output: Path | None = None
+    image_from: Path | None = None
+    text_from: Path | None = None
+    arch: str = "late"
+    modalities: tuple[str, ...] = MODALITIES  # train and evaluate with only these (study arms)
+    image_size: int | None = None  # default: late LATE_IMAGE_SIZE, joint the trunk's size
+    validation_fraction: float = 0.2
+    seed: int = 0
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int = 64
+    weight_decay: float | None = None
+    modality_dropout: float = 0.3
+    # loss weights of the trained part: none | sqrt (inverse square-root frequency) | balanced; None: the
+    # recipe's (late: none — its scorers are already fitted with balanced weights; joint: sqrt)
+    class_weighting: str | None = None
+    bag: BagOptions = dataclasses.field(default_factory=BagOptions)
+    text_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=1.0))
+    image_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=0.01))
+    device: str = "auto"
+    name: str | None = None
+    limit: int | None = None
+    command: str = ""
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "late": {"epochs": 30, "lr": 3e-3, "weight_decay": 0.02, "optimizer": "adamw", "schedule": "cosine",
+             "warmup_fraction": 0.05, "class_weighting": "none"},
+    "joint": {"epochs": 6, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw", "schedule": "cosine",
+              "warmup_fraction": 0.1, "class_weighting": "sqrt"},
+}
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a run derives from the data and the parents before training."""
+
+    data: PairDataset
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor
+    token_lists: list[list[str]]
+    preprocessing: TextPreprocessing
+    vocabulary: Vocabulary
+    ids: list[list[int]]
+    image_parent: Parent | None
+    text_parent: TextParent | None
+    mean: list[float]
+    std: list[float]
+    image_size: int
+
+
+def class_weights(labels: torch.Tensor, classes: int, rule: str) -> list[float] | None:
+    counts = torch.bincount(labels, minlength=classes).float().clamp(min=1)
+    if rule == "none":
+        return None
+    if rule not in ("sqrt", "balanced"):
+        raise ValueError(f"unknown class weighting {rule!r} (none, sqrt or balanced)")
+    weights = (counts.sum() / counts) ** (0.5 if rule == "sqrt" else 1.0)
+    return (weights / (weights * counts).sum() * counts.sum()).tolist()  # mean weight over examples = 1
+
+
+def prepare(options: FusionOptions, image_parent: Parent | None = None, text_parent: TextParent | None = None,
+            data: PairDataset | None = None, token_lists: list[list[str]] | None = None) -> Prepared:
+    """Load (or reuse) the data and parents, split, tokenise, and build the fusion vocabulary."""
+    if options.arch not in ARCHITECTURES:
+        raise ValueError(f"unknown fusion architecture {options.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    image_archs = ("fastconv",) if options.arch == "late" else ("trunk",)
+    if image_parent is None and options.image_from is not None:
+        image_parent = load_image_parent(options.image_from, image_archs)
+    if text_parent is None and options.text_from is not None:
+        text_parent = load_text_parent(options.text_from)
+    if options.arch == "joint" and text_parent is not None and text_parent.manifest.architecture != "trunk":
+        # nothing of an n-gram or LSTM model fits the trunk's text adapter, and its 150k-word vocabulary
+        # would only make the adapter's dense embedding (and every optimizer step) 20× larger
+        logger.warning("joint fusion takes a text adapter only from a 'trunk' text checkpoint; %s is %r, so the text "
+                       "side starts from scratch", options.text_from, text_parent.manifest.architecture)
+        text_parent = None
+    trunk_size = int(image_parent.manifest.config.get("image_size", 32)) if image_parent is not None else 32
+    image_size = options.image_size or (LATE_IMAGE_SIZE if options.arch == "late" else trunk_size)
+    if data is None:
+        data = load_pairs(options.data, image_size)
+    elif tuple(data.images.shape[2:]) != (image_size, image_size):
+        raise ValueError(f"the reused data has {tuple(data.images.shape[2:])} images, this run needs {image_size}")
+    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, SPLIT_SEED)
+    if options.limit:
+        order = torch.randperm(len(train_idx), generator=seeded_generator(SPLIT_SEED))
+        train_idx = train_idx[order[: options.limit]].sort().values
+    parent_pre = text_parent.encoder.preprocessing if text_parent is not None else None
+    preprocessing = tweet_preprocessing(parent_pre, options.bag.max_tokens)
+    if token_lists is None:
+        token_lists = tokenize(data.texts, preprocessing)
+    vocabulary = build_vocabulary([token_lists[i] for i in train_idx.tolist()],
+                                  text_parent.encoder.vocabulary if text_parent is not None else None,
+                                  options.bag.min_freq)
+    ids = [vocabulary.lookup(tokens) for tokens in token_lists]
+    if image_parent is not None:
+        mean, std = list(image_parent.manifest.preprocessing["mean"]), list(image_parent.manifest.preprocessing["std"])
+    else:
+        with_image = train_idx[data.has_image[train_idx]]
+        mean, std = channel_stats(data.images[with_image])
+    return Prepared(data, train_idx, val_idx, token_lists, preprocessing, vocabulary, ids, image_parent, text_parent,
+                    mean, std, image_size)
+
+
+def presence(prep: Prepared, indices: torch.Tensor, modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    image_mask = prep.data.has_image[indices] & ("image" in modalities)
+    text_mask = prep.data.has_text[indices] & ("text" in modalities)
+    return image_mask, text_mask
+
+
+def drop_modalities(image_mask: torch.Tensor, text_mask: torch.Tensor, rate: float,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the image or the text of each pair with probability ``rate`` (each half the time), never both."""
+    draw = torch.rand(len(image_mask), generator=generator)
+    both = image_mask & text_mask
+    drop_image = both & (draw < rate / 2)
+    drop_text = both & (draw >= rate / 2) & (draw < rate)
+    return image_mask & ~drop_image, text_mask & ~drop_text
+
+
+def loop_config(options: FusionOptions, labels: torch.Tensor, classes: int) -> LoopConfig:
+    recipe = dict(RECIPES[options.arch])
+    for key in ("epochs", "lr", "weight_decay", "class_weighting"):
+        if getattr(options, key) is not None:
+            recipe[key] = getattr(options, key)
+    weighting = recipe.pop("class_weighting")
+    return LoopConfig(seed=options.seed, precision="fp32", save_every_steps=10**9,
+                      class_weights=class_weights(labels, classes, weighting), **recipe)
+
+
+def metrics_by_modality(logits: dict[str, torch.Tensor], labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    return {name: {k: v for k, v in classification_metrics(value, labels, classes).items()
+                   if k in ("accuracy", "macro_f1", "nll")} for name, value in logits.items()}
