@@ -49,6 +49,9 @@ TEXT_RECIPES: dict[str, dict[str, Any]] = {
                        "label_smoothing": 0.1, "warmup_fraction": 0.1, "schedule": "cosine", "grad_clip": 1.0}},
 }
 FREEZE_MODES = ("none", "trunk-except-norms", "trunk")
+# Learning rates of a trunk text model by what is frozen: the transfer study's best values
+# (runs/transfer-study): a frozen trunk lets the adapter and head take a much larger step.
+TRUNK_LR_BY_FREEZE = {"none": 3e-3, "trunk-except-norms": 1e-1, "trunk": 1e-1}
 
 
 @dataclasses.dataclass
@@ -222,6 +225,8 @@ def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir:
     model = build_text_model(options, prepared)
     frozen = apply_freeze(model, options.freeze)
     loop_values = {**recipe.get("loop", {}), **options.loop}
+    if options.architecture == "trunk" and options.parent is not None and "lr" not in options.loop:
+        loop_values["lr"] = TRUNK_LR_BY_FREEZE[options.freeze]
     batch_size = int(options.batch_size or loop_values.pop("batch_size", 64))
     loop_values.pop("batch_size", None)
     loop = LoopConfig(seed=options.seed, **{k: v for k, v in loop_values.items() if k in LOOP_FIELDS})
