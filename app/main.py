@@ -6,6 +6,7 @@ import logging
 
 from fastapi import FastAPI
 
+from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.lifecycle import Service, lifespan
 from app.metrics import MetricsMiddleware
@@ -20,7 +21,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("app").setLevel(settings.log_level.upper())
     service = Service(settings)
-    app = FastAPI(title="crossmodal", version="1", lifespan=lifespan,
+    app = FastAPI(title="crossmodal", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Calibrated image, text and image + text (multimodal) classification, dynamically batched "
                               "on one worker per device.")
     app.state.service = service
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     install_error_handlers(app)
     install_openapi(app)
+    install_docs(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(MetricsMiddleware, in_flight=service.in_flight)
     app.add_middleware(RequestIdMiddleware)

@@ -133,11 +133,16 @@ def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (images.float() - m) / s
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
-    """Random translation (reflect-padded crop) and horizontal flip of a (B, C, H, W) batch."""
+def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True,
+            flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Random translation (reflect-padded crop) and horizontal flip of a (B, C, H, W) batch.
+
+    ``flips`` (B,) bool chooses which images are mirrored instead of a coin toss per image.
+    """
     batch, _, height, width = images.shape
     if flip:
-        flips = torch.rand(batch, generator=generator) < 0.5
+        if flips is None:
+            flips = torch.rand(batch, generator=generator) < 0.5
         images = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
     if pad > 0:
         padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 # Recipes that are known to work for each architecture on CIFAR-sized images (2-core CPU budget).
 IMAGE_RECIPES: dict[str, dict[str, Any]] = {
     "fastconv": {"epochs": 13, "batch_size": 512, "optimizer": "sgd", "lr": 0.4, "weight_decay": 5e-4,
-                 "label_smoothing": 0.2, "warmup_fraction": 0.25},
+                 "label_smoothing": 0.2, "warmup_fraction": 0.25, "flip": "alternating"},
     "lenet": {"epochs": 10, "batch_size": 100, "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0,
               "label_smoothing": 0.0, "warmup_fraction": 0.0, "momentum": 0.9, "schedule": "constant"},
     "trunk": {"epochs": 6, "batch_size": 256, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05,
@@ -29,14 +29,27 @@ IMAGE_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+FLIP_MODES = ("random", "alternating")
+
+
 class ImageBatches:
-    """Shuffled, augmented, normalised batches of an in-memory uint8 image set."""
+    """Shuffled, augmented, normalised batches of an in-memory uint8 image set.
+
+    ``flip="alternating"`` mirrors each image in every other epoch (a random half in the first
+    epoch, then exactly the other half, and so on) instead of tossing a coin each time: every
+    image is seen both ways within any two epochs, which matters when there are only a dozen.
+    """
 
     def __init__(self, data: ImageDataset, batch_size: int, seed: int, mean: list[float], std: list[float],
-                 augment_images: bool = True, channels_last: bool = True) -> None:
+                 augment_images: bool = True, channels_last: bool = True, flip: str = "random") -> None:
+        if flip not in FLIP_MODES:
+            raise ValueError(f"unknown flip mode {flip!r} (one of {', '.join(FLIP_MODES)})")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.mean, self.std = mean, std
         self.augment_images, self.channels_last = augment_images, channels_last
+        self.first_epoch_flips = None
+        if flip == "alternating":
+            self.first_epoch_flips = torch.rand(len(data), generator=seeded_generator(seed, 0xF1)) < 0.5
 
     def steps_per_epoch(self) -> int:
         return len(self.data) // self.batch_size  # drop the ragged tail: steady BatchNorm statistics
@@ -46,7 +59,10 @@ class ImageBatches:
         indices = order[step * self.batch_size:(step + 1) * self.batch_size][rank::world_size]
         images = self.data.images[indices]
         if self.augment_images:
-            images = augment(images, seeded_generator(self.seed, epoch, step, rank))
+            flips = None
+            if self.first_epoch_flips is not None:
+                flips = self.first_epoch_flips[indices] ^ bool(epoch % 2)
+            images = augment(images, seeded_generator(self.seed, epoch, step, rank), flips=flips)
         images = normalize(images, self.mean, self.std)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -106,11 +122,12 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
     batch_size = options.batch_size or recipe.pop("batch_size")
     recipe.pop("batch_size", None)
+    flip = recipe.pop("flip", "random")
     if options.parent is not None:
         recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
     loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
     loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields})
-    source = ImageBatches(train, batch_size, options.seed, mean, std)
+    source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +148,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     )
     extra = {"train_images": len(train), "validation_images": len(validation),
              "train_seconds": sum(row["seconds"] for row in history), "device": str(device),
-             "loop": dataclasses.asdict(loop), "batch_size": batch_size}
+             "loop": dataclasses.asdict(loop), "batch_size": batch_size, "flip": flip}
     summary = finish_checkpoint(options.output, model, manifest, val_logits, val_labels, history, extra_metrics=extra)
     discard_training_state(state_dir)
     return summary

@@ -47,6 +47,7 @@ def _options(args: argparse.Namespace, architecture: str, parent: Path | None = 
         batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
         device=args.device, name=args.name, parent=parent, freeze=freeze, label_fraction=args.label_fraction,
         limit=args.limit, stop_after_steps=args.stop_after_steps, refit_full=getattr(args, "refit_full", False),
+        calibration_folds=getattr(args, "calibration_folds", 0) or 0,
     )
 
 
@@ -101,6 +102,9 @@ def add_commands(commands: Any) -> None:
         train.add_argument("--max-char-ngrams", type=int, help="ngram_bag: character n-gram features (0: none)")
         train.add_argument("--refit-full", action="store_true",
                            help="ngram_bag: validate and calibrate on the split, then refit on every post")
+        train.add_argument("--calibration-folds", type=int, default=0, metavar="K",
+                           help="with --refit-full: validate and calibrate on K-fold out-of-fold predictions of "
+                                "every post instead of the validation split (K fits more; steadier temperature)")
         train.set_defaults(handler=_train_command)
 
     finetune = commands.add_parser("finetune-text", help="text trunk model initialised from an image trunk checkpoint")

@@ -77,6 +77,7 @@ class TextRunOptions:
     limit: int | None = None
     stop_after_steps: int | None = None
     refit_full: bool = False  # ngram_bag: after validating, refit on every post with the same settings
+    calibration_folds: int = 0  # with refit_full: calibrate and validate on K-fold out-of-fold logits
 
 
 @dataclasses.dataclass
@@ -140,6 +141,13 @@ def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -
         train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
         train_idx = train_idx.sort().values
     preprocessing = TextPreprocessing.from_dict({**recipe["preprocessing"], **options.preprocessing})
+    return prepare_split(options, data, preprocessing, train_idx, val_idx)
+
+
+def prepare_split(options: TextRunOptions, data: TextDataset, preprocessing: TextPreprocessing,
+                  train_idx: torch.Tensor, val_idx: torch.Tensor) -> PreparedText:
+    """Token ids of a (train, validation) split, with a vocabulary built from its training posts only."""
+    recipe = recipe_for(options.architecture)
     tokens = cached_tokens(data, preprocessing)
     train_tokens = [tokens[i] for i in train_idx.tolist()]
     vocabulary = Vocabulary.build(train_tokens, options.min_freq or recipe["min_freq"],
@@ -149,6 +157,40 @@ def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -
         [vocabulary.lookup(t) for t in train_tokens], data.labels[train_idx],
         [vocabulary.lookup(tokens[i]) for i in val_idx.tolist()], data.labels[val_idx], train_idx, val_idx,
     )
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """The fold (0 … folds−1) of every example: each class dealt round-robin after a seeded shuffle."""
+    if folds < 2:
+        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
+    generator = torch.Generator().manual_seed(seed)
+    fold_of = torch.empty(len(labels), dtype=torch.long)
+    for label in labels.unique():
+        members = torch.nonzero(labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        fold_of[members] = torch.arange(len(members)) % folds
+    return fold_of
+
+
+def cross_fitted_logits(options: TextRunOptions, prepared: PreparedText, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-fold logits for every post: each is scored by the recipe fitted on the other folds.
+
+    Calibrating on these (11k posts for 20 Newsgroups) instead of one 10% split (1.1k) makes the
+    temperature and the ECE estimate far less noisy; the shipped model is then refit on every post,
+    as scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` does.
+    """
+    data = prepared.data
+    fold_of = stratified_folds(data.labels, folds, options.split_seed)
+    logits = torch.empty(len(data), len(data.classes))
+    for fold in range(folds):
+        train_idx = torch.nonzero(fold_of != fold).flatten()
+        val_idx = torch.nonzero(fold_of == fold).flatten()
+        fold_prepared = prepare_split(options, data, prepared.preprocessing, train_idx, val_idx)
+        model, _, _ = train_text_model(options, fold_prepared)
+        logits[val_idx] = validation_logits(model, fold_prepared, options.device)
+        accuracy = float((logits[val_idx].argmax(dim=1) == data.labels[val_idx]).float().mean())
+        logger.info("fold %d/%d: %d held-out posts, accuracy %.4f", fold + 1, folds, len(val_idx), accuracy)
+    return logits, data.labels
 
 
 def prepare_full_refit(options: TextRunOptions, prepared: PreparedText) -> PreparedText:
@@ -258,21 +300,31 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
         raise ValueError("an output checkpoint directory is needed")
     if options.parent is not None:  # fail before tokenising anything
         check_transfer_source(read_manifest(options.parent), options.parent)
+    if (options.refit_full or options.calibration_folds) and (
+            options.architecture != "ngram_bag" or options.label_fraction < 1.0 or options.limit):
+        raise ValueError("--refit-full and --calibration-folds are for the ngram_bag recipe on all labels")
+    if options.calibration_folds and not options.refit_full:
+        raise ValueError("--calibration-folds calibrates the --refit-full model; add --refit-full")
     prepared = prepare_text_run(options)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
-    model, history, details = train_text_model(options, prepared, state_dir)
-    if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
-        return {"stopped": True, "state": str(state_dir)}
-    val_logits = validation_logits(model, prepared, options.device)
+    started = time.perf_counter()
+    if options.calibration_folds:
+        val_logits, val_labels = cross_fitted_logits(options, prepared, options.calibration_folds)
+        details: dict[str, Any] = {"calibration_data": f"{options.calibration_folds}-fold out-of-fold logits of every post"}
+    else:
+        model, history, details = train_text_model(options, prepared, state_dir)
+        if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
+            return {"stopped": True, "state": str(state_dir)}
+        val_logits, val_labels = validation_logits(model, prepared, options.device), prepared.val_labels
     if options.refit_full:
-        if options.architecture != "ngram_bag" or options.label_fraction < 1.0 or options.limit:
-            raise ValueError("--refit-full is for the ngram_bag recipe on all labels")
-        # Validation metrics and the temperature stay those of the held-out fit above; the shipped
+        # Validation metrics and the temperature stay those of the held-out fits above; the shipped
         # weights are the same recipe refit on every post (a convex fit: no epochs to choose).
+        held_out = len(val_labels)
         prepared = prepare_full_refit(options, prepared)
         model, history, refit = train_text_model(options, prepared, state_dir)
-        details.update(refit_full=True, refit_posts=len(prepared.train_ids),
-                       train_seconds=details["train_seconds"] + refit["train_seconds"])
+        details.update({k: v for k, v in refit.items() if k != "train_seconds"})
+        details.update(refit_full=True, refit_posts=len(prepared.train_ids), train_seconds=time.perf_counter() - started,
+                       validation_posts=held_out)
     config = getattr(model, "config", None)
     manifest = new_manifest(
         options.name or options.output.name, "text", options.architecture, config,
@@ -284,8 +336,11 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
     extra = {"train_posts": len(prepared.train_ids) - (len(prepared.val_ids) if options.refit_full else 0),
              "validation_posts": len(prepared.val_ids),
              "vocabulary_size": len(prepared.vocabulary), "label_fraction": options.label_fraction,
-             "split_seed": options.split_seed, "validation_fraction": options.validation_fraction, **details}
-    summary = finish_checkpoint(options.output, model, manifest, val_logits, prepared.val_labels, history,
+             "split_seed": options.split_seed, "validation_fraction": options.validation_fraction,
+             "calibration_folds": options.calibration_folds, **details}
+    if options.calibration_folds:
+        extra.update(train_posts=len(prepared.train_ids), validation_fraction=0.0)
+    summary = finish_checkpoint(options.output, model, manifest, val_logits, val_labels, history,
                                 extra_files={prepared.preprocessing.vocab_file: prepared.vocabulary.to_json_bytes()},
                                 extra_metrics=extra)
     discard_training_state(state_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import pytest
 from servicekit import API_KEY
@@ -56,6 +58,17 @@ def test_bearer_and_header_keys_are_both_accepted(main_server) -> None:
 
 def test_no_key_needed_when_api_keys_unset(probe: httpx.Client) -> None:
     assert probe.get("/v1/models").status_code == 200
+
+
+def test_docs_pages_load_their_assets_from_the_service_not_a_cdn(main_server) -> None:
+    for page in ("/docs", "/redoc"):
+        html = httpx.get(main_server.url + page).text
+        assert "cdn." not in html and "https://" not in html.split("<body>")[0]
+        scripts = re.findall(r'src="([^"]+\.js)"', html)
+        assert scripts, html
+        for script in scripts:
+            asset = httpx.get(main_server.url + script)
+            assert asset.status_code == 200 and len(asset.content) > 100_000  # the real bundle, not an error page
 
 
 def test_docs_offer_file_upload_and_examples(main_server) -> None:

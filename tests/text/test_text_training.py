@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.checkpoint import load_checkpoint
 from models.text_encoding import load_text_encoder
 from training.cli import main
+from training.text_task import stratified_folds
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,30 @@ def test_sequence_text_models_train_and_write_a_loadable_checkpoint(arch: str, e
     assert loaded.manifest.architecture == arch and loaded.manifest.preprocessing["max_tokens"] == 48
     encoder = load_text_encoder(output, loaded.manifest)
     assert loaded.model(token_ids=encoder.encode(["The shuttle orbit", ""])).shape == (2, 4)
+
+
+def test_stratified_folds_cover_every_post_once_and_balance_each_class() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 3)
+    fold_of = stratified_folds(labels, 3, seed=0)
+    assert fold_of.shape == labels.shape and set(fold_of.tolist()) == {0, 1, 2}
+    for label in (0, 1, 2):
+        counts = torch.bincount(fold_of[labels == label], minlength=3)
+        assert int(counts.max() - counts.min()) <= 1
+    assert torch.equal(fold_of, stratified_folds(labels, 3, seed=0))
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        stratified_folds(labels, 1, seed=0)
+
+
+def test_cross_fitted_calibration_scores_every_post_out_of_fold(news_subset: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "text-crossfit"
+    assert main(["train-text", "--data", str(news_subset), "--output", str(output), "--max-char-ngrams", "20000",
+                 "--refit-full", "--calibration-folds", "3"]) == 0
+    manifest = load_checkpoint(output).manifest
+    validation = manifest.metrics["validation"]
+    # every one of the 320 posts scored by a model that did not see it: the accuracy is an honest one
+    assert validation["count"] == 320 and validation["validation_posts"] == 320 and validation["train_posts"] == 320
+    assert 0.6 < validation["accuracy"] < 1.0 and validation["calibration_folds"] == 3
+    assert manifest.calibration["nll_after"] <= manifest.calibration["nll_before"]
+    assert main(["train-text", "--data", str(news_subset), "--output", str(tmp_path / "x"), "--calibration-folds", "3"]) == 2
+    assert "add --refit-full" in capsys.readouterr().err

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from training.calibration import calibrate, expected_calibration_error
-from training.image_data import augment, stratified_split
+from training.image_data import ImageDataset, augment, stratified_split
+from training.image_task import ImageBatches
+from training.loop import seeded_generator
 from training.metrics import classification_metrics
 
 
@@ -55,3 +57,21 @@ def test_augment_translates_and_flips_without_changing_content() -> None:
         flipped = torch.nn.functional.pad(original.flip(-1)[None].float(), (2,) * 4, mode="reflect")[0]
         windows |= {tuple(flipped[:, dy + 2:dy + 6, dx + 2:dx + 6].flatten().tolist()) for dy in range(5) for dx in range(5)}
         assert tuple(moved[:, 2:6, 2:6].float().flatten().tolist()) in windows
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch() -> None:
+    # Each image is a horizontal ramp whose direction shows whether it was mirrored.
+    ramp = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(64, 3, 8, 8).contiguous()
+    data = ImageDataset(ramp, torch.arange(64) % 4, ["a", "b", "c", "d"], "test")
+    batches = ImageBatches(data, batch_size=64, seed=0, mean=[0.0] * 3, std=[1.0] * 3, flip="alternating")
+
+    def mirrored(epoch: int) -> dict[int, bool]:
+        order = torch.randperm(64, generator=seeded_generator(0, epoch)).tolist()
+        (images,), _ = batches.batch(epoch, 0, rank=0, world_size=1)
+        return {index: bool(image[0, 0, 0] > image[0, 0, -1]) for index, image in zip(order, images, strict=True)}
+
+    first, second, third = mirrored(0), mirrored(1), mirrored(2)
+    assert 16 < sum(first.values()) < 48  # a random half to start with
+    assert all(second[i] != first[i] for i in range(64)) and third == first
+    with pytest.raises(ValueError, match="unknown flip mode"):
+        ImageBatches(data, 8, 0, [0.0] * 3, [1.0] * 3, flip="sometimes")
