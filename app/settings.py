@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, SecretStr, field_validator
@@ -29,6 +30,9 @@ class Settings(BaseSettings):
     default_image_model: str | None = Field(default=None, description="default image model (else first by name)")
     default_text_model: str | None = Field(default=None, description="default text model (else first by name)")
     default_multimodal_model: str | None = Field(default=None, description="default multimodal model")
+    precision: Literal["auto", "fp32"] = Field(
+        default="auto", description="auto: autocast to bf16/fp16 on CUDA, and image models to bf16 on CPUs with native "
+                                    "bf16 (AVX-512 BF16, AMX); fp32: full precision everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
     warmup: bool = Field(default=True, description="run example batches through every model before turning ready")
     log_level: str = Field(default="INFO", description="logging level of the app's loggers")

@@ -4,7 +4,7 @@ Requests put one item per input into the queue and await the items' futures. The
 the first waiting item, then gathers more, up to ``max_batch_size``, for at most ``max_wait_ms``,
 and only while more are on their way (requests still decoding); so a lone client pays no batching
 delay and a busy server fills its batches. Items are grouped per model and each group runs in the
-worker's single inference thread under ``torch.inference_mode`` (with autocast on CUDA). A CUDA
+worker's single inference thread under ``torch.inference_mode`` (with the runner's autocast: see ``PRECISION``). A CUDA
 out-of-memory error splits the group in halves and retries; any other exception fails only that
 group's items. Items whose deadline passed before their batch started are answered 504.
 """
@@ -237,8 +237,8 @@ class InferenceWorker:
         return probabilities
 
     def _forward(self, served: ServedModel, payloads: Sequence[Any]) -> torch.Tensor:
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-                    if self.device.type == "cuda" else contextlib.nullcontext())
+        dtype = served.runner.autocast_dtype
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with torch.inference_mode(), autocast:
             batch = served.runner.collate(payloads)
             logits = served.runner.forward(served.model, batch)  # (B, classes)

@@ -101,6 +101,14 @@ class LateFusionConfig:
     topic: dict[str, Any] = dataclasses.field(default_factory=dict)
     hidden: int = 32
     dropout: float = 0.1
+    # Sentiment-lexicon features of the text (``lexicon_features``) for the head; the per-token
+    # valence and negator tables are buffers filled by training.
+    lexicon: bool = False
+
+
+LEXICON_FEATURES = 5
+NEGATION_SCOPE = 3  # a negator flips the valence of the next three tokens …
+NEGATION_FACTOR = -0.74  # … scaled as VADER (Hutto & Gilbert, 2014) does
 
 
 class LateFusionClassifier(nn.Module):
@@ -126,6 +134,12 @@ class LateFusionClassifier(nn.Module):
         self.image_std: torch.Tensor
         self.image_scorer = nn.Linear(width, config.num_classes)
         self.text_bag = NgramBagClassifier(NgramBagConfig(**config.text))
+        if config.lexicon:
+            vocab_size = self.text_bag.config.vocab_size
+            self.register_buffer("valence", torch.zeros(vocab_size))  # per token id; 0: neutral or unknown
+            self.register_buffer("negator", torch.zeros(vocab_size, dtype=torch.bool))
+        self.valence: torch.Tensor
+        self.negator: torch.Tensor
         self.topic = NgramBagClassifier(NgramBagConfig(**config.topic)) if config.topic else None
         if self.topic is not None:
             self.topic.requires_grad_(False)
@@ -136,7 +150,8 @@ class LateFusionClassifier(nn.Module):
 
     @property
     def text_width(self) -> int:
-        return self.text_bag.config.num_classes + (self.topic.config.num_classes if self.topic is not None else 0)
+        topics = self.topic.config.num_classes if self.topic is not None else 0
+        return self.text_bag.config.num_classes + topics + (LEXICON_FEATURES if self.config.lexicon else 0)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) standardised images → (B, width) max-pooled fastconv features (any S ≥ 16)."""
@@ -149,13 +164,32 @@ class LateFusionClassifier(nn.Module):
         return self.image_scorer((features - self.image_mean) / self.image_std)  # (B, classes)
 
     def text_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids → (B, text_width): bag scores, then the topic model's log-probabilities."""
+        """(B, T) token ids → (B, text_width): bag scores, the topic model's log-probabilities, lexicon features."""
         scores = [self.text_bag(token_ids)]  # (B, classes)
         if self.topic is not None:
             known = torch.where(token_ids < self.topic.config.vocab_size, token_ids, torch.full_like(token_ids, UNK_ID))
             known = torch.where(token_ids == PAD_ID, token_ids, known)
             scores.append(self.topic(known).log_softmax(dim=1))  # (B, topics)
+        if self.config.lexicon:
+            scores.append(self.lexicon_features(token_ids))  # (B, LEXICON_FEATURES)
         return torch.cat(scores, dim=1)
+
+    def lexicon_features(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, 5): the VADER-style compound score of the summed valence (negated
+        within three tokens after a negator), then log1p of the positive and negative valence mass
+        and of the counts of positive and negative tokens."""
+        valence = self.valence[token_ids]  # (B, T); padding has id 0, whose valence is 0
+        negator = self.negator[token_ids]  # (B, T)
+        negated = torch.zeros_like(negator)
+        for shift in range(1, NEGATION_SCOPE + 1):
+            negated[:, shift:] |= negator[:, :-shift]
+        valence = torch.where(negated, valence * NEGATION_FACTOR, valence)
+        total = valence.sum(dim=1)  # (B,)
+        return torch.stack([
+            total / torch.sqrt(total * total + 15.0),  # VADER's normalisation to (−1, 1)
+            valence.clamp(min=0).sum(dim=1).log1p(), (-valence).clamp(min=0).sum(dim=1).log1p(),
+            (valence > 0).sum(dim=1).float().log1p(), (valence < 0).sum(dim=1).float().log1p(),
+        ], dim=1)
 
     def fuse(self, image_scores: torch.Tensor, text_scores: torch.Tensor,
              image_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,9 @@ class FastConvConfig:
     logit_scale: float = 1 / 9
     # Average the logits of the image and its mirror image at eval time (test-time augmentation).
     tta_flip: bool = True
+    # Also average over the image shifted one pixel up-left and down-right (reflect-padded): the
+    # centred view weighs 1/2, each shifted one 1/4. Three times the inference cost, ~+0.3 points.
+    tta_translate: bool = False
 
 
 class ConvGroup(nn.Module):
@@ -122,10 +125,21 @@ class FastConvNet(nn.Module):
         self.head = nn.Linear(self.head.in_features, num_classes, bias=False)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.config.tta_flip:
+    def _mirrored(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.config.tta_flip:
             return self.logits(images)
         return 0.5 * (self.logits(images) + self.logits(images.flip(-1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.logits(images)
+        if not self.config.tta_translate:
+            return self._mirrored(images)
+        height, width = images.shape[-2:]
+        padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        up_left = padded[..., :height, :width].contiguous(memory_format=torch.channels_last)
+        down_right = padded[..., 2:, 2:].contiguous(memory_format=torch.channels_last)
+        return 0.5 * self._mirrored(images) + 0.25 * (self._mirrored(up_left) + self._mirrored(down_right))
 
 
 @register_model("fastconv", FastConvConfig)

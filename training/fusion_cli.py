@@ -24,7 +24,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from, arch=args.arch,
         modalities=args.modalities, image_size=args.image_size, validation_fraction=args.validation_fraction,
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        modality_dropout=args.modality_dropout, class_weighting=args.class_weighting,
+        modality_dropout=args.modality_dropout, class_weighting=args.class_weighting, lexicon=args.lexicon,
         text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
         device=args.device, name=args.name, limit=args.limit,
         command=args.command_line,
@@ -64,6 +64,8 @@ def add_commands(commands: Any) -> None:
     finetune.add_argument("--class-weighting", choices=["none", "sqrt", "balanced"],
                           help="loss weights of the trained part (default: late none — its scorers are fitted "
                                "with balanced weights; joint sqrt)")
+    finetune.add_argument("--no-lexicon", dest="lexicon", action="store_false",
+                          help="late: leave out the sentiment-lexicon features of the text (VADER valences)")
     finetune.add_argument("--text-C", type=float, default=1.0, help="inverse L2 strength of the text scorer's fit")
     finetune.add_argument("--image-C", type=float, default=0.01, help="inverse L2 strength of the image scorer's fit")
     finetune.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores the head trains on")

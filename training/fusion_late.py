@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Sequence
 
@@ -30,6 +31,9 @@ from training.fusion_text import build_bag, feature_matrix
 from training.fusion_transfer import init_late_image_encoder, init_late_topic
 from training.image_data import normalize
 from training.loop import Batch, fit, predict_logits, seeded_generator
+from training.sentiment_lexicon import lexicon_tables, read_vader_lexicon
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -58,8 +62,14 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
     image_config = {k: v for k, v in (prep.image_parent.manifest.config if prep.image_parent else {}).items() if k in known}
     topic = dict(prep.text_parent.manifest.config) if _has_topic(prep) and prep.text_parent is not None else {}
     model = LateFusionClassifier(LateFusionConfig(num_classes=classes, image=image_config,
-                                                  text=dataclasses.asdict(bag.config), topic=topic))
+                                                  text=dataclasses.asdict(bag.config), topic=topic,
+                                                  lexicon=options.lexicon))
     model.text_bag.load_state_dict(bag.state_dict())
+    if options.lexicon:
+        valence, negator = lexicon_tables(prep.vocabulary.itos, read_vader_lexicon())
+        model.valence.copy_(valence)
+        model.negator.copy_(negator)
+        logger.info("sentiment lexicon: %d of %d vocabulary tokens carry a valence", int((valence != 0).sum()), len(valence))
     copied: dict[str, list[str]] = {}
     if prep.image_parent is not None:
         copied["image"] = init_late_image_encoder(model, prep.image_parent)

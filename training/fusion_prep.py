@@ -50,6 +50,7 @@ class FusionOptions:
     batch_size: int = 64
     weight_decay: float | None = None
     modality_dropout: float = 0.3
+    lexicon: bool = True  # late: the text side adds sentiment-lexicon features for the head
     # loss weights of the trained part: none | sqrt (inverse square-root frequency) | balanced; None: the
     # recipe's (late: none — its scorers are already fitted with balanced weights; joint: sqrt)
     class_weighting: str | None = None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,7 +23,8 @@ logger = logging.getLogger(__name__)
 # Recipes that are known to work for each architecture on CIFAR-sized images (2-core CPU budget).
 IMAGE_RECIPES: dict[str, dict[str, Any]] = {
     "fastconv": {"epochs": 13, "batch_size": 512, "optimizer": "sgd", "lr": 0.4, "weight_decay": 5e-4,
-                 "label_smoothing": 0.2, "warmup_fraction": 0.25, "flip": "alternating"},
+                 "label_smoothing": 0.2, "warmup_fraction": 0.25, "flip": "alternating",
+                 "model": {"tta_translate": True}},
     "lenet": {"epochs": 10, "batch_size": 100, "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0,
               "label_smoothing": 0.0, "warmup_fraction": 0.0, "momentum": 0.9, "schedule": "constant"},
     "trunk": {"epochs": 6, "batch_size": 256, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05,
@@ -75,6 +78,23 @@ def evaluation_batches(data: ImageDataset, mean: list[float], std: list[float], 
         yield (images,), data.labels[start:start + batch_size]
 
 
+EPOCH_VALIDATION_IMAGES = 2000
+
+
+@contextlib.contextmanager
+def without_translate_tta(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` without its translate test-time augmentation (if it has one) for a while."""
+    config: Any = getattr(model, "config", None)
+    if not getattr(config, "tta_translate", False):
+        yield
+        return
+    setattr(model, "config", dataclasses.replace(config, tta_translate=False))  # noqa: B010
+    try:
+        yield
+    finally:
+        setattr(model, "config", config)  # noqa: B010
+
+
 @dataclasses.dataclass
 class ImageRunOptions:
     data: Path
@@ -113,7 +133,8 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
             cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
     else:
         architecture = options.architecture
-        config = {"num_classes": len(data.classes), **options.model_config}
+        recipe_model = IMAGE_RECIPES.get(architecture, {}).get("model", {})
+        config = {"num_classes": len(data.classes), **recipe_model, **options.model_config}
         model = build_model(architecture, config)
         mean, std = channel_stats(train.images)
         if hasattr(model, "init_whitening"):
@@ -123,6 +144,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     batch_size = options.batch_size or recipe.pop("batch_size")
     recipe.pop("batch_size", None)
     flip = recipe.pop("flip", "random")
+    recipe.pop("model", None)
     if options.parent is not None:
         recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
     loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
@@ -133,7 +155,16 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_logits(m, evaluation_batches(validation, mean, std), device, loop.precision)
 
-    history = fit(model, source, loop, device=device, validate=validate, state_dir=state_dir,
+    # The per-epoch curve: a fixed slice of the validation split without translate TTA, so that
+    # watching the run costs seconds, not minutes; the final metrics use all of it, fully augmented.
+    shuffled = torch.randperm(len(validation), generator=seeded_generator(options.seed))
+    monitor = validation.subset(shuffled[:EPOCH_VALIDATION_IMAGES])
+
+    def validate_epoch(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        with without_translate_tta(m):
+            return predict_logits(m, evaluation_batches(monitor, mean, std), device, loop.precision)
+
+    history = fit(model, source, loop, device=device, validate=validate_epoch, state_dir=state_dir,
                   stop_after_steps=options.stop_after_steps, description=architecture)
     if options.stop_after_steps is not None and len(history) < loop.epochs:
         return {"stopped": True, "state": str(state_dir)}

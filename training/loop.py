@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.checkpoint import publish_directory
+from models.precision import native_autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ class LoopConfig:
     class_weights: list[float] | None = None
 
 
-def cpu_supports_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
@@ -73,9 +66,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    return native_autocast_dtype(device)
 
 
 def seeded_generator(*parts: int) -> torch.Generator:

@@ -103,9 +103,13 @@ class Payload:
     content_type: str
 
 
-def write_payload(image: bytes, kind: str, directory: Path) -> Payload:
-    """``multipart:FIELD`` (our API) or ``json-b64`` (LitServe's idiom: its workers cannot take uploads)."""
-    if kind == "json-b64":
+def write_payload(sample: bytes, kind: str, directory: Path) -> Payload:
+    """An image as ``multipart:FIELD`` (our API) or ``json-b64`` (LitServe's idiom: its workers cannot
+    take uploads); a UTF-8 text as ``json-text`` (``{"text": ...}``, both servers)."""
+    image = sample
+    if kind == "json-text":
+        body, content_type = json.dumps({"text": sample.decode()}).encode(), "application/json"
+    elif kind == "json-b64":
         body, content_type = json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json"
     else:
         field, boundary = kind.removeprefix("multipart:"), "----crossmodalbench7MA4YWxkTrZu0gW"
@@ -117,9 +121,12 @@ def write_payload(image: bytes, kind: str, directory: Path) -> Payload:
     return Payload(path, content_type)
 
 
-def run_wrk(url: str, payload: Payload, clients: int, seconds: float, api_key: str = "") -> LoadResult:
+def run_wrk(url: str, payload: Payload, clients: int, seconds: float, api_key: str = "",
+            mean_delay_ms: float = 0.0) -> LoadResult:
+    """wrk with ``clients`` connections; ``mean_delay_ms`` > 0 paces each (see wrk_post.lua)."""
     command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-               "-s", str(HERE / "wrk_post.lua"), url, "--", str(payload.path), payload.content_type, api_key]
+               "-s", str(HERE / "wrk_post.lua"), url, "--", str(payload.path), payload.content_type, api_key,
+               f"{mean_delay_ms:.3f}"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
     values = json.loads(line.removeprefix("WRK_JSON "))

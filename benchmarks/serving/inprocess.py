@@ -30,7 +30,7 @@ def _rate(function: Any, items: int, seconds: float) -> float:
     return calls * items / elapsed
 
 
-def measure_limit(checkpoint_dir: Path, image: bytes, batch_sizes: list[int], seconds: float,
+def measure_limit(checkpoint_dir: Path, sample: bytes | str, batch_sizes: list[int], seconds: float,
                   device: str = "cpu") -> dict[str, Any]:
     settings = Settings(model_dir=checkpoint_dir.parent, device=device, warmup=False)
     torch_device = settings.torch_device()
@@ -39,8 +39,8 @@ def measure_limit(checkpoint_dir: Path, image: bytes, batch_sizes: list[int], se
     served = ServedModel(checkpoint.manifest.name, checkpoint.manifest, checkpoint.model, runner, checkpoint_dir,
                          torch_device)
     worker = InferenceWorker(torch_device, max(batch_sizes), 0, 1)
-    payload = runner.prepare([image], ["image"])[0]
-    decode_rate = _rate(lambda: runner.prepare([image], ["image"]), 1, seconds)
+    payload = runner.prepare([sample], ["sample"])[0]
+    decode_rate = _rate(lambda: runner.prepare([sample], ["sample"]), 1, seconds)  # decoding or tokenising
     with ThreadPoolExecutor(max_workers=1) as thread:  # like the service: inference runs in its own thread
         rates = {size: thread.submit(_rate, lambda size=size: worker.compute(served, [payload] * size, False), size,
                                      seconds).result() for size in batch_sizes}

@@ -1,9 +1,10 @@
-"""The peer to beat: LitServe serving the same image checkpoint with its own dynamic batching.
+"""The peer to beat: LitServe serving the same checkpoint with its own dynamic batching.
 
-Same decoding (``app.preprocess.prepare_image``), same normalisation, model and calibrated softmax,
-and the same response shape as ``POST /v1/image/classify``, so the comparison is about the serving
-stack. The image travels as base64 in JSON (``{"image": ...}``): LitServe pickles each request to its
-inference process, and a multipart upload cannot be pickled.
+Same preprocessing (``app.preprocess.prepare_image``, or the text checkpoint's own encoder), same
+normalisation, precision (``models.precision``), model and calibrated softmax, and the same response
+shape as ``POST /v1/{image,text}/classify``, so the comparison is about the serving stack. An image
+travels as base64 in JSON (``{"image": ...}``): LitServe pickles each request to its inference
+process, and a multipart upload cannot be pickled. A text travels as ``{"text": ...}``.
 
 Usage: ``python benchmarks/serving/litserve_server.py CHECKPOINT_DIR --port 8001``.
 """
@@ -22,7 +23,9 @@ import litserve as ls
 import torch
 
 from app.preprocess import configure_pillow, prepare_image
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, read_manifest
+from models.precision import native_autocast_dtype
+from models.text_encoding import load_text_encoder
 
 MAX_PIXELS = 40_000_000
 
@@ -49,25 +52,59 @@ class ImageClassifierAPI(ls.LitAPI):
         return torch.stack(inputs)  # (B, 3, S, S)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        dtype = native_autocast_dtype(self.device)  # what our service's PRECISION=auto does for image models
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             images = (images.to(self.device).float() - self.mean) / self.std
-            logits = self.model(images)
+            logits = self.model(images.contiguous(memory_format=torch.channels_last))
             return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)
 
     def encode_response(self, output: torch.Tensor) -> dict[str, Any]:
-        values, classes = output.tolist(), self.manifest.classes
-        order = sorted(range(len(values)), key=lambda i: -values[i])[: self.top_k]
-        return {
-            "model": {"name": self.manifest.name, "version": self.manifest.version, "task": "image"},
-            "predictions": [{
-                "label": classes[order[0]], "probability": values[order[0]],
-                "top_k": [{"label": classes[i], "probability": values[i]} for i in order],
-                "probabilities": dict(zip(classes, values, strict=True)),
-            }],
-        }
+        return calibrated_response(output, self.manifest, self.top_k)
+
+
+class TextClassifierAPI(ls.LitAPI):
+    def __init__(self, checkpoint: Path, top_k: int = 5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.checkpoint, self.top_k = checkpoint, top_k
+
+    def setup(self, device: str) -> None:
+        loaded = load_checkpoint(self.checkpoint, device)
+        self.model, self.manifest, self.device = loaded.model, loaded.manifest, torch.device(device)
+        self.encoder = load_text_encoder(self.checkpoint, self.manifest)
+
+    def decode_request(self, request):  # type: ignore[no-untyped-def]
+        ids = self.encoder.encode([request["text"]])[0]  # (T,), 0 = padding
+        return ids[ids != 0]
+
+    def batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True, padding_value=0)  # (B, T)
+
+    def predict(self, token_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model(token_ids=token_ids.to(self.device))
+            return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
+
+    def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
+        return list(output)
+
+    def encode_response(self, output: torch.Tensor) -> dict[str, Any]:
+        return calibrated_response(output, self.manifest, self.top_k)
+
+
+def calibrated_response(output: torch.Tensor, manifest: Any, top_k: int) -> dict[str, Any]:
+    values, classes = output.tolist(), manifest.classes
+    order = sorted(range(len(values)), key=lambda i: -values[i])[:top_k]
+    return {
+        "model": {"name": manifest.name, "version": manifest.version, "task": manifest.task},
+        "predictions": [{
+            "label": classes[order[0]], "probability": values[order[0]],
+            "top_k": [{"label": classes[i], "probability": values[i]} for i in order],
+            "probabilities": dict(zip(classes, values, strict=True)),
+        }],
+    }
 
 
 def main() -> None:
@@ -77,8 +114,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout", type=float, default=0.005, help="seconds")
     args = parser.parse_args()
-    api = ImageClassifierAPI(args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
-                             api_path="/predict")
+    api_class = TextClassifierAPI if read_manifest(args.checkpoint).task == "text" else ImageClassifierAPI
+    api = api_class(args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout,
+                    api_path="/predict")
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
     server.run(host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning")
 

@@ -19,9 +19,11 @@ def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     limit = results["in_process"]
+    item = "texts" if results.get("task") == "text" else "images"
+    preparing = "tokenising" if item == "texts" else "decoding"
     lines = [
         f"# Serving benchmark: `{results['model']}`", "",
-        f"{results['started']} · tool: {results['tool']} · {results['duration_s']:g} s per level · one image per "
+        f"{results['started']} · tool: {results['tool']} · {results['duration_s']:g} s per level · one {item[:-1]} per "
         f"request · MAX_BATCH_SIZE={results['max_batch_size']}, MAX_WAIT_MS={results['max_wait_ms']:g} · "
         f"{results['machine']['platform']}", "",
         "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -31,12 +33,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append(f"| {config} | {level['clients']} | {level['rps']:.1f} | {level['p50_ms']:.1f} | "
                          f"{level['p95_ms']:.1f} | {level['p99_ms']:.1f} | {level['errors']} |")
     lines += [
-        "", f"In-process limit (same code path, no HTTP): **{limit['best_items_per_s']:.0f} images/s** at batch size "
-        f"{limit['best_batch_size']} on {limit['device']} ({limit['torch_threads']} torch threads); decoding alone "
-        f"{limit['decode_images_per_s_one_thread']:.0f} images/s on one thread.", "",
+        "", f"In-process limit (same code path, no HTTP): **{limit['best_items_per_s']:.0f} {item}/s** at batch size "
+        f"{limit['best_batch_size']} on {limit['device']} ({limit['torch_threads']} torch threads); {preparing} alone "
+        f"{limit['decode_images_per_s_one_thread']:.0f} {item}/s on one thread.", "",
         "| batch size | " + " | ".join(str(k) for k in limit["items_per_s_by_batch_size"]) + " |",
         "| --- | " + " | ".join("---:" for _ in limit["items_per_s_by_batch_size"]) + " |",
-        "| images/s | " + " | ".join(f"{v:.0f}" for v in limit["items_per_s_by_batch_size"].values()) + " |", "",
+        f"| {item}/s | " + " | ".join(f"{v:.0f}" for v in limit["items_per_s_by_batch_size"].values()) + " |", "",
         "| server | time to ready (s) | RSS ready (MB) | RSS after load (MB) |", "| --- | ---: | ---: | ---: |",
     ]
     for config, server in results["servers"].items():

@@ -1,10 +1,12 @@
 """Serving benchmark: our service (batched and MAX_BATCH_SIZE=1) vs LitServe vs the in-process limit.
 
 Drives each server with an existing load tool (wrk when installed, else locust headless) at each
-client count, one image per request, and writes requests/s, p50/p95/p99, time to ready, RSS and a
-breakdown of where the time goes (from the service's own metrics) to ``OUTPUT.json`` and ``OUTPUT.md``.
+client count, one image (``--task image``) or one text (``--task text``: a 20 Newsgroups post) per
+request, and writes requests/s, p50/p95/p99, time to ready, RSS and a breakdown of where the time
+goes (from the service's own metrics) to ``OUTPUT.json`` and ``OUTPUT.md``.
 
     python benchmarks/serving/run.py --model-dir checkpoints --duration 30
+    python benchmarks/serving/run.py --task text --output benchmarks/serving/results-text
     python benchmarks/serving/run.py --model-dir /tmp/ckpts --duration 3 --levels 1,8 --output /tmp/bench  # smoke
 """
 
@@ -34,6 +36,7 @@ from benchmarks.serving.harness import (
     free_port,
     pick_tool,
     run_locust,
+    run_wrk,
     scrape,
     time_breakdown,
     write_payload,
@@ -42,6 +45,7 @@ from benchmarks.serving.report import write_markdown
 
 logger = logging.getLogger("benchmark")
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+NEWS = ROOT.parent / "shared" / "data" / "20news-bydate-train.tar.gz"
 
 
 def first_cifar_jpeg(destination: Path) -> Path:
@@ -54,20 +58,29 @@ def first_cifar_jpeg(destination: Path) -> Path:
     return path
 
 
-def pick_image_model(model_dir: Path, wanted: str | None) -> tuple[str, Path]:
+def first_news_post() -> bytes:
+    """A real request body for the text endpoint: the first post of the 20 Newsgroups tarball (latin-1)."""
+    with tarfile.open(NEWS) as tar:
+        member = next(m for m in tar if m.isfile() and m.size > 1000)
+        handle = tar.extractfile(member)
+        assert handle is not None
+        return handle.read().decode("latin-1").encode()
+
+
+def pick_model(model_dir: Path, task: str, wanted: str | None) -> tuple[str, Path]:
     from app.registry import checkpoint_directories
     from models.checkpoint import read_manifest
 
     found = {}
     for directory in checkpoint_directories(model_dir):
         manifest = read_manifest(directory)
-        if manifest.task == "image":
+        if manifest.task == task:
             found[manifest.name] = directory
     if not found:
-        raise SystemExit(f"no image checkpoint in {model_dir}")
+        raise SystemExit(f"no {task} checkpoint in {model_dir}")
     name = wanted or sorted(found)[0]
     if name not in found:
-        raise SystemExit(f"no image model {name!r} in {model_dir}; found {sorted(found)}")
+        raise SystemExit(f"no {task} model {name!r} in {model_dir}; found {sorted(found)}")
     return name, found[name]
 
 
@@ -88,10 +101,16 @@ def bench_server(server: ServerProcess, path: str, payload: Payload, args: argpa
     if server.name == "batched" and args.half_rate_check:
         best = max(level["rps"] for level in result["levels"])
         clients = max(args.levels)
-        paced: LoadResult = run_locust(server.url, path, payload, clients, args.duration, args.api_key,
-                                       rate_per_user=best / 2 / clients)
+        paced: LoadResult
+        if tool == "wrk":  # paced connections: wrk is C and light, so it leaves the two cores to the server
+            paced = run_wrk(server.url + path, payload, clients, args.duration, args.api_key,
+                            mean_delay_ms=1000 * clients / (best / 2))
+        else:
+            paced = run_locust(server.url, path, payload, clients, args.duration, args.api_key,
+                               rate_per_user=best / 2 / clients)
         result["half_max_rate"] = {"target_rps": best / 2, **dataclasses.asdict(paced)}
-        logger.info("%s at half the max rate (%.0f req/s): p99 %.1f ms", server.name, best / 2, paced.p99_ms)
+        logger.info("%s at half the max rate (%.0f req/s offered, %.1f served): p99 %.1f ms", server.name, best / 2,
+                    paced.rps, paced.p99_ms)
     return result
 
 
@@ -99,7 +118,7 @@ def start_ours(name: str, args: argparse.Namespace, log_dir: Path, extra_env: di
     port = free_port()
     env = {"MODEL_DIR": str(args.model_dir), "API_KEYS": args.api_key, **extra_env}
     if args.model:
-        env["DEFAULT_IMAGE_MODEL"] = args.model
+        env[f"DEFAULT_{args.task.upper()}_MODEL"] = args.model
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
                "--no-access-log", "--log-level", "warning"]
     return ServerProcess(name, command, env, port, "/readyz", log_dir)
@@ -115,7 +134,8 @@ def start_litserve(checkpoint: Path, args: argparse.Namespace, log_dir: Path) ->
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=ROOT / "checkpoints")
-    parser.add_argument("--model", help="image model name (default: the first image model by name)")
+    parser.add_argument("--task", choices=["image", "text"], default="image", help="what one request carries")
+    parser.add_argument("--model", help="model name (default: the task's first model by name)")
     parser.add_argument("--levels", default="1,8,64", help="concurrent clients, comma-separated")
     parser.add_argument("--duration", type=float, default=30, help="seconds of load per level")
     parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
@@ -134,14 +154,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     tool = pick_tool(args.tool)
-    name, checkpoint = pick_image_model(args.model_dir, args.model)
+    name, checkpoint = pick_model(args.model_dir, args.task, args.model)
     args.model = name
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as scratch:
-        image = args.image or first_cifar_jpeg(Path(scratch))
+        if args.task == "image":
+            sample = (args.image or first_cifar_jpeg(Path(scratch))).read_bytes()
+            our_kind, their_kind = "multipart:files", "json-b64"
+        else:
+            sample = first_news_post()
+            our_kind = their_kind = "json-text"
         log_dir = Path(scratch)
         results: dict[str, Any] = {
-            "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
+            "task": args.task, "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
             "levels": args.levels, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "servers": {},
@@ -149,10 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.serving.inprocess import measure_limit
 
         sizes = [int(x) for x in args.batch_sizes.split(",")]
-        results["in_process"] = measure_limit(checkpoint, image.read_bytes(), sizes, min(3.0, args.duration))
+        sample_input: Any = sample if args.task == "image" else sample.decode()
+        results["in_process"] = measure_limit(checkpoint, sample_input, sizes, min(3.0, args.duration))
         logger.info("in-process limit: %.0f items/s at batch %d", results["in_process"]["best_items_per_s"],
                     results["in_process"]["best_batch_size"])
-        path = "/v1/image/classify"
+        path = f"/v1/{args.task}/classify"
         plans = {
             "batched": lambda: start_ours("batched", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
                                                                      "MAX_WAIT_MS": str(args.max_wait_ms)}),
@@ -163,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             server = plans[config]()
             try:
                 ours = config != "litserve"
-                payload = write_payload(image.read_bytes(), "multipart:files" if ours else "json-b64", log_dir)
+                payload = write_payload(sample, our_kind if ours else their_kind, log_dir)
                 results["servers"][config] = bench_server(server, path if ours else "/predict", payload, args, tool,
                                                           ours)
             finally:

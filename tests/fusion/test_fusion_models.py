@@ -99,3 +99,23 @@ def test_a_multimodal_checkpoint_round_trips(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.model(images, token_ids), model(images, token_ids))
     image, text = fusion_preprocessing(loaded.manifest)
     assert image["size"] == 32 and text["vocab_file"] == "vocab.json"
+
+
+def test_lexicon_features_sum_valences_and_flip_them_after_a_negator() -> None:
+    from training.sentiment_lexicon import lexicon_tables, read_vader_lexicon
+
+    itos = ["<pad>", "<unk>", "good", "not", "day", "awful", "#happy", ":)"]
+    model = build_model("fusion_late", {**TINY_LATE, "text": {"vocab_size": len(itos), "num_classes": 3, "max_tokens": 16},
+                                        "lexicon": True}).eval()
+    valence, negator = lexicon_tables(itos, read_vader_lexicon())
+    assert valence[2] > 0 and valence[5] < 0 and valence[6] > 0 and valence[7] > 0  # words, hashtags, emoticons
+    assert negator.tolist() == [i == 3 for i in range(len(itos))] and valence[:2].eq(0).all()
+    model.valence.copy_(valence)
+    model.negator.copy_(negator)
+    texts = torch.tensor([[2, 4, 0, 0], [3, 2, 4, 0], [5, 4, 4, 0], [3, 4, 4, 4]])  # good day · not good day · awful · not …
+    features = model.lexicon_features(texts)  # (4, 5)
+    assert features.shape == (4, 5)
+    compound = features[:, 0]
+    assert compound[0] > 0 > compound[1] and compound[2] < 0 and compound[3] == 0
+    assert features[1, 3] == 0 and features[1, 4] > 0  # the negated "good" counts as negative
+    assert model.text_scores(texts).shape == (4, model.text_width) and model.text_width == 3 + 5

@@ -148,3 +148,19 @@ def test_every_image_architecture_maps_images_to_logits(name: str) -> None:
         logits = model(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 7)
     assert torch.isfinite(logits).all()
+
+
+def test_fastconv_translate_tta_averages_centred_and_shifted_mirrored_views() -> None:
+    torch.manual_seed(0)
+    model = build_model("fastconv", {"num_classes": 4, "widths": [8, 16, 16], "tta_translate": True}).eval()
+    images = torch.randn(2, 3, 32, 32)
+
+    def mirrored(x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (model.logits(x) + model.logits(x.flip(-1)))
+
+    padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+    expected = 0.5 * mirrored(images) + 0.25 * (mirrored(padded[..., :32, :32]) + mirrored(padded[..., 2:, 2:]))
+    with torch.inference_mode():
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        model.train()
+        assert torch.allclose(model(images), model.logits(images))  # no augmentation while training
