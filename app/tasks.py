@@ -30,6 +30,7 @@ class TaskRunner(abc.ABC):
     # Autocast on a CPU with native bfloat16 too (not only on CUDA): worth it for convolution-bound
     # models; the text models are cheap and stay in float32 there.
     cpu_autocast: ClassVar[bool] = False
+    autocast_dtype: torch.dtype | None = None  # set per device and PRECISION in __init__
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto") -> None:
         self.manifest = checkpoint.manifest

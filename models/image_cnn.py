@@ -125,21 +125,24 @@ class FastConvNet(nn.Module):
         self.head = nn.Linear(self.head.in_features, num_classes, bias=False)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def _mirrored(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.config.tta_flip:
-            return self.logits(images)
-        return 0.5 * (self.logits(images) + self.logits(images.flip(-1)))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        if self.training or not (self.config.tta_flip or self.config.tta_translate):
             return self.logits(images)
-        if not self.config.tta_translate:
-            return self._mirrored(images)
-        height, width = images.shape[-2:]
-        padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
-        up_left = padded[..., :height, :width].contiguous(memory_format=torch.channels_last)
-        down_right = padded[..., 2:, 2:].contiguous(memory_format=torch.channels_last)
-        return 0.5 * self._mirrored(images) + 0.25 * (self._mirrored(up_left) + self._mirrored(down_right))
+        # Every test-time view goes through the network in one batch: (V·B, C, H, W) keeps the
+        # convolutions busy where V passes of a small batch would mostly pay per-call overhead.
+        views, weights = [images], [1.0]
+        if self.config.tta_translate:
+            height, width = images.shape[-2:]
+            padded = nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+            views += [padded[..., :height, :width], padded[..., 2:, 2:]]  # shifted up-left, down-right
+            weights = [0.5, 0.25, 0.25]
+        if self.config.tta_flip:
+            views += [view.flip(-1) for view in views]
+            weights = [w / 2 for w in weights] * 2
+        batch = torch.cat(views).contiguous(memory_format=torch.channels_last)  # (V·B, C, H, W)
+        logits = self.logits(batch).view(len(views), images.shape[0], -1)  # (V, B, classes)
+        weight = torch.tensor(weights, dtype=logits.dtype, device=logits.device).view(-1, 1, 1)
+        return (logits * weight).sum(dim=0)  # (B, classes)
 
 
 @register_model("fastconv", FastConvConfig)

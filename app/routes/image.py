@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
 
 from app.errors import InvalidInput
 from app.routes.deps import (
@@ -37,7 +37,7 @@ async def classify_images(
     file: Annotated[UploadFile | None, File(description="a single image (instead of `files`)")] = None,
     model: ModelQuery = None,
     top_k: TopKQuery = 5,
-) -> ClassifyResponse:
+) -> Response:
     registry, _ = service.ready()
     served = registry.resolve(model, "image")
     uploads = [*(files or []), *([file] if file is not None else [])]

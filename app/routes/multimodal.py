@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from starlette.datastructures import UploadFile as FormFile
 
 from app.errors import InvalidInput
@@ -89,7 +89,7 @@ async def classify_pairs(
         ["Best day ever at the beach with the whole family", "ugh, stuck in traffic again"]])] = None,
     model: ModelQuery = None,
     top_k: TopKQuery = 5,
-) -> ClassifyResponse:
+) -> Response:
     """Pair ``files`` and ``texts`` by position (an empty value = that side is missing) and classify each pair.
 
     ``files`` is declared for validation and for the OpenAPI form; the parts themselves are read from

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from app.errors import InvalidInput
 from app.routes.deps import (
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/text", tags=["classify"], dependencies=[Depends(r
 )
 async def classify_texts(
     request: Request, body: TextClassifyRequest, service: ServiceDep, model: ModelQuery = None, top_k: TopKQuery = 5
-) -> ClassifyResponse:
+) -> Response:
     registry, _ = service.ready()
     served = registry.resolve(model, "text")
     if body.texts is not None and body.text is not None:

@@ -38,7 +38,9 @@ class ImageClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         configure_pillow(MAX_PIXELS)
         loaded = load_checkpoint(self.checkpoint, device)
-        self.model, self.manifest, self.device = loaded.model, loaded.manifest, torch.device(device)
+        # not ``self.device``: LitServe sets that attribute itself (to a string)
+        self.model, self.manifest, self.torch_device = loaded.model, loaded.manifest, torch.device(device)
+        self.model.to(memory_format=torch.channels_last)
         preprocessing = self.manifest.preprocessing
         self.preprocessing = preprocessing
         self.mean = torch.tensor(preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
@@ -52,9 +54,10 @@ class ImageClassifierAPI(ls.LitAPI):
         return torch.stack(inputs)  # (B, 3, S, S)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = native_autocast_dtype(self.device)  # what our service's PRECISION=auto does for image models
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            images = (images.to(self.device).float() - self.mean) / self.std
+        dtype = native_autocast_dtype(self.torch_device)  # what our service's PRECISION=auto does for image models
+        autocast = torch.autocast(self.torch_device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with torch.inference_mode(), autocast:
+            images = (images.to(self.torch_device).float() - self.mean) / self.std
             logits = self.model(images.contiguous(memory_format=torch.channels_last))
             return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
 
@@ -72,7 +75,7 @@ class TextClassifierAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         loaded = load_checkpoint(self.checkpoint, device)
-        self.model, self.manifest, self.device = loaded.model, loaded.manifest, torch.device(device)
+        self.model, self.manifest, self.torch_device = loaded.model, loaded.manifest, torch.device(device)
         self.encoder = load_text_encoder(self.checkpoint, self.manifest)
 
     def decode_request(self, request):  # type: ignore[no-untyped-def]
@@ -84,7 +87,7 @@ class TextClassifierAPI(ls.LitAPI):
 
     def predict(self, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            logits = self.model(token_ids=token_ids.to(self.device))
+            logits = self.model(token_ids=token_ids.to(self.torch_device))
             return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
