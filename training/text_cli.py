@@ -70,7 +70,7 @@ def _study_command(args: argparse.Namespace) -> dict[str, Any]:
         image_checkpoint=args.from_checkpoint, data=args.data, output=args.output, quick=args.quick,
         fractions=tuple(args.fractions) if args.fractions else None,
         seeds=tuple(args.seeds) if args.seeds else None, epochs=args.epochs, max_tokens=args.max_tokens,
-        device=args.device,
+        device=args.device, report_only=args.report_only,
     ))
 
 
@@ -127,4 +127,6 @@ def add_commands(commands: Any) -> None:
     study.add_argument("--epochs", type=int, help="epochs per run (default from the study recipe)")
     study.add_argument("--max-tokens", type=int, help="tokens per post for the study (default 64)")
     study.add_argument("--device", default="auto")
+    study.add_argument("--report-only", action="store_true",
+                       help="write the table and plot from the runs already in OUTPUT/runs.json (marks partial cells)")
     study.set_defaults(handler=_study_command)

@@ -59,6 +59,7 @@ class StudyOptions:
     epochs: int | None = None  # fixed epochs per run; default: scaled to ``target_samples``
     max_tokens: int | None = None
     device: str = "auto"
+    report_only: bool = False  # write the table and plot from the runs already in runs.json
     target_samples: int = 12_000  # examples seen per run (epochs = samples / labelled posts, clamped)
     min_epochs: int = 2
     max_epochs: int = 30
@@ -130,7 +131,7 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
     if runs_path.is_file():
         runs = {_key(r["arm"], r["value"], r["fraction"], r["seed"]): r for r in json.loads(runs_path.read_text())}
         logger.info("resuming: %d runs already in %s", len(runs), runs_path)
-    data = load_text_data(options.data)
+    data = None if options.report_only else load_text_data(options.data)
     started = time.perf_counter()
 
     def record(arm: str, value: float, fraction: float, seed: int) -> dict[str, Any]:
@@ -148,12 +149,21 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
     for fraction in settings["fractions"]:
         for arm in ARMS:
             grid = settings["grids"][arm]
-            tuning = [record(arm, value, fraction, seeds[0]) for value in grid]
+            if options.report_only:  # what has been measured so far, nothing new
+                tuning = [runs[k] for k in (_key(arm, v, fraction, seeds[0]) for v in grid) if k in runs]
+            else:
+                tuning = [record(arm, value, fraction, seeds[0]) for value in grid]
+            if not tuning:
+                continue
             best = max(tuning, key=lambda r: r["accuracy"])["value"]
-            scores = [record(arm, best, fraction, seed)["accuracy"] for seed in seeds]
+            if options.report_only:
+                scores = [runs[k]["accuracy"] for k in (_key(arm, best, fraction, seed) for seed in seeds) if k in runs]
+            else:
+                scores = [record(arm, best, fraction, seed)["accuracy"] for seed in seeds]
             cells.append({"arm": arm, "fraction": fraction, "best_value": best, "accuracies": scores,
                           "mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                          "grid": {f"{r['value']:g}": r["accuracy"] for r in tuning}})
+                          "grid": {f"{r['value']:g}": r["accuracy"] for r in tuning},
+                          "complete": len(tuning) == len(grid) and len(scores) == len(seeds)})
     summary = {"settings": {**{k: v for k, v in settings.items() if k != "grids"},
                             "grids": {k: list(v) for k, v in settings["grids"].items()},
                             "image_checkpoint": str(options.image_checkpoint), "data": str(options.data)},
@@ -172,9 +182,14 @@ def results_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     for arm in ARMS:
         row = [f"`{arm}`"]
         for fraction in fractions:
-            cell = next(c for c in cells if c["arm"] == arm and c["fraction"] == fraction)
+            cell = next((c for c in cells if c["arm"] == arm and c["fraction"] == fraction), None)
+            if cell is None:
+                row.append("not run")
+                continue
             knob = "C" if arm == "tfidf-svm" else "lr"
-            row.append(f"{cell['mean']:.3f} ± {cell['std']:.3f} ({knob} {cell['best_value']:g})")
+            partial = "" if cell.get("complete", True) else (
+                f"; partial: {len(cell['grid'])}/{len(settings['grids'][arm])} of the grid, {len(cell['accuracies'])} seed(s)")
+            row.append(f"{cell['mean']:.3f} ± {cell['std']:.3f} ({knob} {cell['best_value']:g}{partial})")
         lines.append("| " + " | ".join(row) + " |")
     seeds = ", ".join(str(s) for s in settings["seeds"])
     notes = (f"\nValidation accuracy, mean ± std over seeds {seeds} ({settings['max_tokens']} tokens per post). "
@@ -191,6 +206,8 @@ def plot_study(cells: list[dict[str, Any]], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     for arm in ARMS:
         rows = sorted((c for c in cells if c["arm"] == arm), key=lambda c: c["fraction"])
+        if not rows:
+            continue
         axes.errorbar([c["fraction"] * 100 for c in rows], [c["mean"] for c in rows], yerr=[c["std"] for c in rows],
                       marker="o", capsize=3, label=arm, linestyle="--" if arm == "tfidf-svm" else "-")
     axes.set_xscale("log")
