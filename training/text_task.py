@@ -24,8 +24,9 @@ from torch import nn
 from models import build_model
 from models.checkpoint import Manifest, load_state_dict, new_manifest, read_manifest
 from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
-from models.text_models import NgramBagClassifier
+from models.text_models import NgramBagClassifier, signed_power
 from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
+from training.calibration import fit_score_power
 from training.common import finish_checkpoint, lineage, pick_device
 from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
 from training.text_data import TextDataset, cached_tokens, label_budget, load_text_data, stratified_split
@@ -39,7 +40,8 @@ LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 TEXT_RECIPES: dict[str, dict[str, Any]] = {
     # TF-IDF-style words + bigrams + char n-grams, linear SVM; header fields tagged.
     "ngram_bag": {"preprocessing": {"max_tokens": 4096, "header_fields": list(HEADER_FIELDS)},
-                  "min_freq": 1, "max_vocab": 250_000, "ngram": {"weight_dtype": "float16"}},
+                  "min_freq": 1, "max_vocab": 250_000, "ngram": {"weight_dtype": "float16"},
+                  "calibrate_score_power": True},
     "bilstm": {"preprocessing": {"max_tokens": 256}, "min_freq": 2, "max_vocab": 50_000,
                "model": {"max_tokens": 256},
                "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
@@ -325,6 +327,12 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
         details.update({k: v for k, v in refit.items() if k != "train_seconds"})
         details.update(refit_full=True, refit_posts=len(prepared.train_ids), train_seconds=time.perf_counter() - started,
                        validation_posts=held_out)
+    if recipe_for(options.architecture).get("calibrate_score_power") and isinstance(model, NgramBagClassifier):
+        power = fit_score_power(val_logits, val_labels)
+        model.config = dataclasses.replace(model.config, score_power=power)
+        val_logits = signed_power(val_logits, power)
+        details["score_power"] = power
+        logger.info("calibration: scores raised to the power %.1f before temperature scaling", power)
     config = getattr(model, "config", None)
     manifest = new_manifest(
         options.name or options.output.name, "text", options.architecture, config,

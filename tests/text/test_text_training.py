@@ -82,5 +82,6 @@ def test_cross_fitted_calibration_scores_every_post_out_of_fold(news_subset: Pat
     assert validation["count"] == 320 and validation["validation_posts"] == 320 and validation["train_posts"] == 320
     assert 0.6 < validation["accuracy"] < 1.0 and validation["calibration_folds"] == 3
     assert manifest.calibration["nll_after"] <= manifest.calibration["nll_before"]
+    assert manifest.config["score_power"] == validation["score_power"] >= 1.0  # fitted with the temperature
     assert main(["train-text", "--data", str(news_subset), "--output", str(tmp_path / "x"), "--calibration-folds", "3"]) == 2
     assert "add --refit-full" in capsys.readouterr().err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.calibration import calibrate, expected_calibration_error
+from training.calibration import calibrate, expected_calibration_error, fit_score_power
 from training.image_data import ImageDataset, augment, stratified_split
 from training.image_task import ImageBatches
 from training.loop import seeded_generator
@@ -75,3 +75,12 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch() -> None:
     assert all(second[i] != first[i] for i in range(64)) and third == first
     with pytest.raises(ValueError, match="unknown flip mode"):
         ImageBatches(data, 8, 0, [0.0] * 3, [1.0] * 3, flip="sometimes")
+
+
+def test_score_power_is_recovered_from_labels_drawn_with_it() -> None:
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6000, 5, generator=generator) * 1.5  # like SVM scores: a few units either side of 0
+    true_logits = scores.sign() * scores.abs() ** 2.0 / 0.5
+    labels = torch.multinomial(true_logits.softmax(dim=1), 1, generator=generator).squeeze(1)
+    assert fit_score_power(scores, labels) in (1.9, 2.0, 2.1)
+    assert fit_score_power(true_logits * 0.5, labels) in (1.0, 1.1)  # already the right shape: left alone
