@@ -9,7 +9,8 @@ Two registered architectures, both called the same way (``FUSION_INPUTS``)::
   standardised features → (B, classes). Text side: an n-gram bag over the fusion vocabulary (TF-IDF
   features of words, bigrams and character n-grams → (B, classes)) plus, when transferred, the
   frozen n-gram model of the text checkpoint (``topic``: its log-probabilities over the 20
-  newsgroups). A learned fusion head reads both score vectors and the presence masks (a linear
+  newsgroups) and, with ``lexicon``, five sentiment-lexicon features (``lexicon_features``: per-token
+  valences summed with VADER's negation rule). A learned fusion head reads both score vectors and the presence masks (a linear
   path plus a small MLP). A missing side contributes zeros and its mask bit tells the head.
 * ``fusion_joint`` — joint fusion through the shared trunk: the ``trunk`` architecture with both
   adapters, image patch tokens and text tokens in one sequence after the class token. A missing
