@@ -24,3 +24,12 @@ def test_transfer_study_quick_writes_table_plot_and_every_arm(image_trunk_checkp
     assert main(["transfer-study", "--from", str(image_trunk_checkpoint), "--data", str(news_subset),
                  "--output", str(results), "--quick", "--device", "cpu"]) == 0
     assert json.loads((results / "runs.json").read_text()) == runs
+    # an interrupted study still reports what it has: drop some runs, report without training anything
+    kept = [r for r in runs if not (r["fraction"] == 1.0 and r["arm"] in ("scratch", "tfidf-svm"))]
+    (results / "runs.json").write_text(json.dumps(kept))
+    assert main(["transfer-study", "--from", str(image_trunk_checkpoint), "--data", str(news_subset),
+                 "--output", str(results), "--quick", "--report-only"]) == 0
+    assert json.loads((results / "runs.json").read_text()) == kept
+    rows = {line.split(" | ")[0].strip("| `"): line for line in (results / "results.md").read_text().splitlines()}
+    assert rows["scratch"].endswith("| not run |") and rows["tfidf-svm"].endswith("| not run |")
+    assert "not run" not in rows["image-frozen"]
