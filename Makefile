@@ -28,7 +28,7 @@ lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check .
 
 typecheck: $(VENV)/.dev-installed
-	$(PY) -m mypy app models training
+	$(PY) -m mypy --explicit-package-bases app models training benchmarks
 
 unit: $(VENV)/.dev-installed
 	$(PY) -m pytest -q
