@@ -30,9 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from training.image_data import DEFAULT_CACHE, DataError
+from training.image_data import DEFAULT_CACHE, DataError, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +165,6 @@ def read_records(manifest: Path) -> list[PairRecord]:
             raise DataError(f"{manifest}:{record.line}: duplicate id {record.id!r} (first on line {seen[record.id]})")
         seen[record.id] = record.line
     return records
-
-
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """RGB, resized to (size, size) bilinear — the service's ``image_to_tensor`` rule — as (3, S, S) uint8."""
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise DataError(f"{path}: unreadable image ({error})") from None
 
 
 def _fingerprint(manifest: Path, records: Sequence[PairRecord], size: int) -> str:

@@ -54,14 +54,15 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """RGB, resized to (size, size) bilinear — the service's ``image_to_tensor`` rule — as (3, S, S) uint8."""
     try:
         with Image.open(path) as opened:
             image = opened.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: unreadable image ({error})") from None
 
 
@@ -79,7 +80,7 @@ def load_image_folder(root: str | Path, size: int = 32, cache_dir: Path | None =
         array = np.load(cached)
     else:
         with ThreadPoolExecutor() as pool:
-            array = np.stack(list(pool.map(lambda item: _decode(item[0], size), files)))
+            array = np.stack(list(pool.map(lambda item: decode_image(item[0], size), files)))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             partial = cached.with_suffix(".partial.npy")
