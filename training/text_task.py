@@ -147,10 +147,13 @@ def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -
 
 
 def prepare_split(options: TextRunOptions, data: TextDataset, preprocessing: TextPreprocessing,
-                  train_idx: torch.Tensor, val_idx: torch.Tensor) -> PreparedText:
-    """Token ids of a (train, validation) split, with a vocabulary built from its training posts only."""
+                  train_idx: torch.Tensor, val_idx: torch.Tensor, tokens: list[list[str]] | None = None) -> PreparedText:
+    """Token ids of a (train, validation) split, with a vocabulary built from its training posts only.
+
+    ``tokens``: every post's tokens when the caller already has them (else read from the cache).
+    """
     recipe = recipe_for(options.architecture)
-    tokens = cached_tokens(data, preprocessing)
+    tokens = tokens if tokens is not None else cached_tokens(data, preprocessing)
     train_tokens = [tokens[i] for i in train_idx.tolist()]
     vocabulary = Vocabulary.build(train_tokens, options.min_freq or recipe["min_freq"],
                                   options.max_vocab or recipe["max_vocab"])
@@ -183,11 +186,12 @@ def cross_fitted_logits(options: TextRunOptions, prepared: PreparedText, folds: 
     """
     data = prepared.data
     fold_of = stratified_folds(data.labels, folds, options.split_seed)
+    tokens = cached_tokens(data, prepared.preprocessing)  # once, not once per fold
     logits = torch.empty(len(data), len(data.classes))
     for fold in range(folds):
         train_idx = torch.nonzero(fold_of != fold).flatten()
         val_idx = torch.nonzero(fold_of == fold).flatten()
-        fold_prepared = prepare_split(options, data, prepared.preprocessing, train_idx, val_idx)
+        fold_prepared = prepare_split(options, data, prepared.preprocessing, train_idx, val_idx, tokens)
         model, _, _ = train_text_model(options, fold_prepared)
         logits[val_idx] = validation_logits(model, fold_prepared, options.device)
         accuracy = float((logits[val_idx].argmax(dim=1) == data.labels[val_idx]).float().mean())
