@@ -106,15 +106,14 @@ class Payload:
 def write_payload(sample: bytes, kind: str, directory: Path) -> Payload:
     """An image as ``multipart:FIELD`` (our API) or ``json-b64`` (LitServe's idiom: its workers cannot
     take uploads); a UTF-8 text as ``json-text`` (``{"text": ...}``, both servers)."""
-    image = sample
     if kind == "json-text":
         body, content_type = json.dumps({"text": sample.decode()}).encode(), "application/json"
     elif kind == "json-b64":
-        body, content_type = json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json"
+        body, content_type = json.dumps({"image": base64.b64encode(sample).decode()}).encode(), "application/json"
     else:
         field, boundary = kind.removeprefix("multipart:"), "----crossmodalbench7MA4YWxkTrZu0gW"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"image.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+                "Content-Type: image/jpeg\r\n\r\n").encode() + sample + f"\r\n--{boundary}--\r\n".encode()
         content_type = f"multipart/form-data; boundary={boundary}"
     path = directory / f"body-{kind.replace(':', '-')}.bin"
     path.write_bytes(body)
