@@ -12,12 +12,14 @@ from models.checkpoint import CheckpointError, new_manifest, save_checkpoint
 from models.text_encoding import (
     PAD_ID,
     UNK_ID,
+    ChunkTokenCache,
     TextEncoder,
     TextEncodingError,
     TextPreprocessing,
     Vocabulary,
     clean_text,
     load_text_encoder,
+    spacy_tokenizer,
     tokenize,
 )
 
@@ -133,3 +135,28 @@ def test_load_text_encoder_refuses_a_vocabulary_the_model_does_not_fit(tmp_path:
     directory = _text_checkpoint(tmp_path / "bad", vocabulary, len(vocabulary) + 5)
     with pytest.raises(CheckpointError, match="vocabulary has 4 tokens but the model expects 9"):
         load_text_encoder(directory, read_manifest(directory))
+
+
+def test_chunk_cache_tokenises_like_spacy_per_chunk_and_reuses_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [POST, "Win:) )\n:>I (cond'):  tab\tnbsp\u00a0x", "", "   \n"]
+    spacy_chunks = [[t.text for chunk in text.split() for t in spacy_tokenizer()(chunk)] for text in texts]
+    cache = ChunkTokenCache()
+    assert cache.tokens(texts) == spacy_chunks
+    assert len(cache) == len({chunk for text in texts for chunk in text.split()})
+    calls = []
+    monkeypatch.setattr(ChunkTokenCache, "_tokenize_chunks", staticmethod(lambda chunks: calls.append(chunks) or {}))
+    assert cache.tokens(texts) == spacy_chunks  # every chunk is known now: spaCy is not called
+    assert calls == []
+
+
+def test_chunk_cache_equals_whole_document_spacy_on_real_posts(news_subset: Path) -> None:
+    posts = [path.read_text(encoding="latin-1") for path in sorted(news_subset.rglob("*")) if path.is_file()]
+    whole = [[t.text for t in doc if not t.is_space] for doc in spacy_tokenizer().pipe(posts)]
+    assert ChunkTokenCache().tokens(posts) == whole
+
+
+def test_chunk_cache_starts_afresh_at_its_bound() -> None:
+    cache = ChunkTokenCache(max_chunks=3)
+    assert cache.tokens(["a b c d e"]) == [["a", "b", "c", "d", "e"]]
+    assert len(cache) <= 3
+    assert cache.tokens(["f g"]) == [["f", "g"]] and len(cache) <= 3
