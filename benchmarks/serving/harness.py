@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import dataclasses
 import json
@@ -71,6 +72,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # Whatever is left of the session: LitServe's forked workers outlive their parent on SIGTERM
+        # and spin at full CPU, which would skew every server measured after them.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self._log.close()
 
 
@@ -97,34 +102,48 @@ def pick_tool(wanted: str) -> str:
 
 @dataclasses.dataclass
 class Payload:
-    """One request body on disk, for the load tools."""
+    """Request bodies on disk, for the load tools: ``path`` is one body, or (``@``-prefixed) a file
+    listing several, one path per line, which the tools send in turn."""
 
-    path: Path
+    path: str
     content_type: str
 
 
-def write_payload(sample: bytes, kind: str, directory: Path) -> Payload:
-    """An image as ``multipart:FIELD`` (our API) or ``json-b64`` (LitServe's idiom: its workers cannot
-    take uploads); a UTF-8 text as ``json-text`` (``{"text": ...}``, both servers)."""
+def _body(sample: bytes, kind: str) -> tuple[bytes, str]:
     if kind == "json-text":
-        body, content_type = json.dumps({"text": sample.decode()}).encode(), "application/json"
-    elif kind == "json-b64":
-        body, content_type = json.dumps({"image": base64.b64encode(sample).decode()}).encode(), "application/json"
-    else:
-        field, boundary = kind.removeprefix("multipart:"), "----crossmodalbench7MA4YWxkTrZu0gW"
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"image.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode() + sample + f"\r\n--{boundary}--\r\n".encode()
-        content_type = f"multipart/form-data; boundary={boundary}"
-    path = directory / f"body-{kind.replace(':', '-')}.bin"
-    path.write_bytes(body)
-    return Payload(path, content_type)
+        return json.dumps({"text": sample.decode()}).encode(), "application/json"
+    if kind == "json-b64":
+        return json.dumps({"image": base64.b64encode(sample).decode()}).encode(), "application/json"
+    field, boundary = kind.removeprefix("multipart:"), "----crossmodalbench7MA4YWxkTrZu0gW"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"image.jpg\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + sample + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def write_payload(samples: list[bytes], kind: str, directory: Path) -> Payload:
+    """``samples`` as request bodies: an image as ``multipart:FIELD`` (our API) or ``json-b64``
+    (LitServe's idiom: its workers cannot take uploads); a UTF-8 text as ``json-text``
+    (``{"text": ...}``, both servers). Several samples are sent in turn: distinct texts keep a
+    server's tokenisation honest (a cache would make one repeated text look free)."""
+    stem = f"body-{kind.replace(':', '-')}"
+    paths = []
+    for number, sample in enumerate(samples):
+        body, content_type = _body(sample, kind)
+        path = directory / f"{stem}-{number}.bin"
+        path.write_bytes(body)
+        paths.append(path)
+    if len(paths) == 1:
+        return Payload(str(paths[0]), content_type)
+    listing = directory / f"{stem}.list"
+    listing.write_text("".join(f"{path}\n" for path in paths))
+    return Payload(f"@{listing}", content_type)
 
 
 def run_wrk(url: str, payload: Payload, clients: int, seconds: float, api_key: str = "",
             mean_delay_ms: float = 0.0) -> LoadResult:
     """wrk with ``clients`` connections; ``mean_delay_ms`` > 0 paces each (see wrk_post.lua)."""
     command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-               "-s", str(HERE / "wrk_post.lua"), url, "--", str(payload.path), payload.content_type, api_key,
+               "-s", str(HERE / "wrk_post.lua"), url, "--", payload.path, payload.content_type, api_key,
                f"{mean_delay_ms:.3f}"]
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in output.splitlines() if line.startswith("WRK_JSON "))
@@ -139,7 +158,7 @@ def run_locust(url: str, path: str, payload: Payload, clients: int, seconds: flo
                rate_per_user: float = 0.0) -> LoadResult:
     with tempfile.TemporaryDirectory() as scratch:
         prefix = Path(scratch) / "stats"
-        env = {**os.environ, "BENCH_BODY": str(payload.path), "BENCH_CONTENT_TYPE": payload.content_type,
+        env = {**os.environ, "BENCH_BODY": payload.path, "BENCH_CONTENT_TYPE": payload.content_type,
                "BENCH_PATH": path, "BENCH_API_KEY": api_key, "BENCH_RATE_PER_USER": str(rate_per_user)}
         command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(clients),
                    "-r", str(clients), "-t", f"{max(1, round(seconds))}s", "--host", url, "--csv", str(prefix),

@@ -7,6 +7,7 @@ the HTTP numbers is the serving overhead.
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,8 +31,9 @@ def _rate(function: Any, items: int, seconds: float) -> float:
     return calls * items / elapsed
 
 
-def measure_limit(checkpoint_dir: Path, sample: bytes | str, batch_sizes: list[int], seconds: float,
+def measure_limit(checkpoint_dir: Path, samples: list[bytes] | list[str], batch_sizes: list[int], seconds: float,
                   device: str = "cpu") -> dict[str, Any]:
+    """Items/s by batch size; decoding (or tokenising) is timed over ``samples`` in turn."""
     settings = Settings(model_dir=checkpoint_dir.parent, device=device, warmup=False)
     torch_device = settings.torch_device()
     checkpoint = load_checkpoint(checkpoint_dir, torch_device)
@@ -39,11 +41,19 @@ def measure_limit(checkpoint_dir: Path, sample: bytes | str, batch_sizes: list[i
     served = ServedModel(checkpoint.manifest.name, checkpoint.manifest, checkpoint.model, runner, checkpoint_dir,
                          torch_device)
     worker = InferenceWorker(torch_device, max(batch_sizes), 0, 1)
-    payload = runner.prepare([sample], ["sample"])[0]
-    decode_rate = _rate(lambda: runner.prepare([sample], ["sample"]), 1, seconds)  # decoding or tokenising
+    turn = itertools.cycle(samples)
+    decode_rate = _rate(lambda: runner.prepare([next(turn)], ["sample"]), 1, seconds)  # decoding or tokenising
+    # Batches drawn in turn from the payloads of the first samples: texts differ in length, and a
+    # batch costs what its longest text costs, so one repeated text would flatter or wrong the model.
+    payloads = runner.prepare(samples[: max(batch_sizes)], ["sample"] * min(len(samples), max(batch_sizes)))
+    payloads = list(itertools.islice(itertools.cycle(payloads), 2 * max(batch_sizes)))
+
+    def batches(size: int) -> Any:
+        starts = itertools.cycle(range(0, max(batch_sizes), size))
+        return lambda: worker.compute(served, payloads[(start := next(starts)):start + size], False)
+
     with ThreadPoolExecutor(max_workers=1) as thread:  # like the service: inference runs in its own thread
-        rates = {size: thread.submit(_rate, lambda size=size: worker.compute(served, [payload] * size, False), size,
-                                     seconds).result() for size in batch_sizes}
+        rates = {size: thread.submit(_rate, batches(size), size, seconds).result() for size in batch_sizes}
     best = max(rates, key=lambda size: rates[size])
     return {
         "model": served.name, "device": str(torch_device), "torch_threads": torch.get_num_threads(),

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import platform
+import random
 import sys
 import tarfile
 import tempfile
@@ -26,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from app.settings import Settings
 from benchmarks.serving.harness import (
     HERE,
     ROOT,
@@ -58,13 +60,18 @@ def first_cifar_jpeg(destination: Path) -> Path:
     return path
 
 
-def first_news_post() -> bytes:
-    """A real request body for the text endpoint: the first post of the 20 Newsgroups tarball (latin-1)."""
+def news_posts(count: int, max_chars: int, seed: int = 0) -> list[bytes]:
+    """Request bodies for the text endpoint: ``count`` distinct real posts of the 20 Newsgroups
+    tarball (latin-1 → UTF-8) that the service accepts (at most ``max_chars``), in a seeded random order."""
     with tarfile.open(NEWS) as tar:
-        member = next(m for m in tar if m.isfile() and m.size > 1000)
-        handle = tar.extractfile(member)
-        assert handle is not None
-        return handle.read().decode("latin-1").encode()
+        posts = []
+        for member in tar:
+            handle = tar.extractfile(member) if member.isfile() else None
+            text = handle.read().decode("latin-1") if handle is not None else ""
+            if 0 < len(text) <= max_chars:
+                posts.append(text.encode())
+    random.Random(seed).shuffle(posts)
+    return posts[:count]
 
 
 def pick_model(model_dir: Path, task: str, wanted: str | None) -> tuple[str, Path]:
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-half-rate-check", dest="half_rate_check", action="store_false",
                         help="skip the paced run at half the best throughput (needs locust)")
     parser.add_argument("--image", type=Path, help="JPEG to send (default: the first CIFAR-10 training image)")
+    parser.add_argument("--texts", type=int, default=11_314,
+                        help="distinct real posts sent in turn (--task text; default: all of the training split)")
     parser.add_argument("--output", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
@@ -159,10 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     configs = args.configs.split(",")
     with tempfile.TemporaryDirectory() as scratch:
         if args.task == "image":
-            sample = (args.image or first_cifar_jpeg(Path(scratch))).read_bytes()
+            samples = [(args.image or first_cifar_jpeg(Path(scratch))).read_bytes()]
             our_kind, their_kind = "multipart:files", "json-b64"
         else:
-            sample = first_news_post()
+            samples = news_posts(args.texts, Settings().max_text_chars)
             our_kind = their_kind = "json-text"
         log_dir = Path(scratch)
         results: dict[str, Any] = {
@@ -174,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.serving.inprocess import measure_limit
 
         sizes = [int(x) for x in args.batch_sizes.split(",")]
-        sample_input: Any = sample if args.task == "image" else sample.decode()
-        results["in_process"] = measure_limit(checkpoint, sample_input, sizes, min(3.0, args.duration))
+        inputs: Any = samples if args.task == "image" else [sample.decode() for sample in samples]
+        results["in_process"] = measure_limit(checkpoint, inputs, sizes, min(3.0, args.duration))
         logger.info("in-process limit: %.0f items/s at batch %d", results["in_process"]["best_items_per_s"],
                     results["in_process"]["best_batch_size"])
         path = f"/v1/{args.task}/classify"
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             server = plans[config]()
             try:
                 ours = config != "litserve"
-                payload = write_payload(sample, our_kind if ours else their_kind, log_dir)
+                payload = write_payload(samples, our_kind if ours else their_kind, log_dir)
                 results["servers"][config] = bench_server(server, path if ours else "/predict", payload, args, tool,
                                                           ours)
             finally:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,3 +28,5 @@ def test_serving_benchmark_measures_every_server_without_errors(task: str, model
     assert paced["requests"] > 0 and paced["errors"] == 0
     assert results["in_process"]["best_items_per_s"] > 0
     assert "Targets at 4 clients" in output.with_suffix(".md").read_text()
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(model_dir) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], "a server process outlived the benchmark (it would skew the next measurement)"
