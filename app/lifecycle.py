@@ -29,11 +29,13 @@ from app.metrics import InFlight
 from app.preprocess import configure_pillow
 from app.registry import ModelRegistry, load_registry
 from app.settings import Settings
+from app.tokenizing import TokenizerPool, default_processes
 from app.worker import InferenceWorker
 
 logger = logging.getLogger(__name__)
 
 STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
+TEXT_TASKS = ("text", "multimodal")
 
 
 class Service:
@@ -47,6 +49,8 @@ class Service:
         self.in_flight = InFlight()
         self.preprocess_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
                                                   thread_name_prefix="preprocess")
+        processes = settings.tokenizer_processes
+        self.tokenizer = TokenizerPool(default_processes() if processes is None else processes)
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -80,7 +84,7 @@ class Service:
     async def _load(self) -> None:
         settings = self.settings
         try:
-            registry = await asyncio.to_thread(load_registry, settings, self.device)
+            registry = await asyncio.to_thread(load_registry, settings, self.device, self.tokenizer)
             worker = InferenceWorker(self.device, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
             if settings.warmup:
                 for served in registry.models:
@@ -96,6 +100,8 @@ class Service:
         if self.phase == STARTING:
             self.phase = READY
         self.ready_after_s = time.monotonic() - self.started_at
+        if any(model.task in TEXT_TASKS for model in registry.models):
+            self.tokenizer.start()  # after ready: its start-up would only slow loading, and it is not needed to serve
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
                     ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
 
@@ -149,6 +155,7 @@ class Service:
         if self.worker is not None:
             await self.worker.stop(self.settings.drain_timeout)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self.tokenizer.shutdown()
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 

@@ -29,6 +29,8 @@ COMPUTE = Histogram("crossmodal_batch_compute_seconds", "time to run one batch (
 BATCH_SIZE = Histogram("crossmodal_batch_size", "items per batch run by the worker", ["model"],
                        buckets=_BATCH_BUCKETS)
 ITEMS = Counter("crossmodal_items_total", "items answered by the worker, by outcome", ["model", "outcome"])
+TEXTS_TOKENISED = Counter("crossmodal_texts_tokenised_total", "texts tokenised, by where (process or thread)",
+                          ["where"])
 
 UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 

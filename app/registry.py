@@ -20,6 +20,7 @@ from torch import nn
 from app.errors import ModelNotFound
 from app.settings import Settings
 from app.tasks import RUNNERS, TaskRunner
+from app.tokenizing import IN_THREAD, TokenizerPool
 from models.checkpoint import MANIFEST_FILE, CheckpointError, Manifest, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,9 @@ def checkpoint_directories(model_dir: Path) -> list[Path]:
     return found
 
 
-def load_registry(settings: Settings, device: torch.device) -> ModelRegistry:
-    """Load every checkpoint under ``settings.model_dir``; a broken one is a ``CheckpointError``."""
+def load_registry(settings: Settings, device: torch.device, tokenizer: TokenizerPool = IN_THREAD) -> ModelRegistry:
+    """Load every checkpoint under ``settings.model_dir``; a broken one is a ``CheckpointError``.
+    Text-reading models tokenise through ``tokenizer``."""
     models: list[ServedModel] = []
     for directory in checkpoint_directories(settings.model_dir):
         started = time.perf_counter()
@@ -118,7 +120,7 @@ def load_registry(settings: Settings, device: torch.device) -> ModelRegistry:
             continue
         if any(model.name == manifest.name for model in models):
             raise CheckpointError(f"{directory}: model name {manifest.name!r} is used by two checkpoints")
-        runner = RUNNERS[manifest.task](checkpoint, device, settings)
+        runner = RUNNERS[manifest.task](checkpoint, device, settings, tokenizer)
         models.append(ServedModel(manifest.name, manifest, checkpoint.model, runner, directory, device))
         logger.info("loaded %s (%s, %s) from %s in %.2f s", manifest.name, manifest.task, manifest.architecture,
                     directory, time.perf_counter() - started)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
         default="auto", description="auto: autocast to bf16/fp16 on CUDA, and image models to bf16 on CPUs with native "
                                     "bf16 (AVX-512 BF16, AMX); fp32: full precision everywhere")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+    tokenizer_processes: int | None = Field(
+        default=None, ge=0, le=64, description="processes that tokenise texts, off the service's GIL (0: in threads; "
+                                               "default: one less than the CPUs, 1 to 4)")
     warmup: bool = Field(default=True, description="run example batches through every model before turning ready")
     log_level: str = Field(default="INFO", description="logging level of the app's loggers")
 

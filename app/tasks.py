@@ -18,11 +18,13 @@ from torch import nn
 
 from app.errors import InvalidInput, ServiceError
 from app.preprocess import prepare_image
+from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
 from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_text_encoder
 from models.precision import native_autocast_dtype
+from models.text_encoding import PAD_ID
 
 
 class TaskRunner(abc.ABC):
@@ -99,16 +101,18 @@ class TextRunner(TaskRunner):
 
     task = "text"
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto") -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
+                 tokenizer: TokenizerPool = IN_THREAD) -> None:
         super().__init__(checkpoint, device, precision)
         from models.text_encoding import load_text_encoder
 
         self.encoder = load_text_encoder(checkpoint.directory, checkpoint.manifest)
+        self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.tokenizer = tokenizer
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
-        ids = self.encoder.encode(list(inputs))  # (B, T), 0 = padding
-        lengths = (ids != 0).long().cumsum(dim=1).argmax(dim=1) + 1  # up to the last real token
-        return [row[: int(length)].clone() for row, length in zip(ids, lengths, strict=True)]
+        ids = self.tokenizer.encode(self.source, self.encoder, list(inputs))
+        return [row if len(row) else torch.full((1,), PAD_ID) for row in ids]  # a text without tokens: one <pad>
 
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
         token_ids = nn.utils.rnn.pad_sequence(list(payloads), batch_first=True, padding_value=0)  # (B, T)
@@ -130,18 +134,13 @@ class PairPayload(NamedTuple):
     token_ids: torch.Tensor | None  # (T,) real tokens only, T ≥ 1
 
 
-def _without_padding(ids: torch.Tensor) -> torch.Tensor | None:
-    """A right-padded (T,) id row → its ids up to the last real token; None when it has none."""
-    real = torch.nonzero(ids).flatten()
-    return ids[: int(real[-1]) + 1].clone() if len(real) else None
-
-
 class MultimodalRunner(TaskRunner):
     """Pairs → (uint8 image or None, token ids or None); collated with the fusion models' own contract."""
 
     task = "multimodal"
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto") -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
+                 tokenizer: TokenizerPool = IN_THREAD) -> None:
         super().__init__(checkpoint, device, precision)
         try:
             image, _ = fusion_preprocessing(checkpoint.manifest)
@@ -151,6 +150,8 @@ class MultimodalRunner(TaskRunner):
         except (FusionInputError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
         self.encoder = load_fusion_text_encoder(checkpoint.directory, checkpoint.manifest)
+        self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.tokenizer = tokenizer
         self.max_pixels = max_pixels
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
@@ -165,9 +166,9 @@ class MultimodalRunner(TaskRunner):
         token_ids: list[torch.Tensor | None] = [None] * len(pairs)
         texts = [(index, pair.text) for index, pair in enumerate(pairs) if pair.text is not None]
         if texts:
-            encoded = self.encoder.encode([text for _, text in texts])  # (P, T), 0 = padding; one spaCy pass
+            encoded = self.tokenizer.encode(self.source, self.encoder, [text for _, text in texts])
             for (index, _), row in zip(texts, encoded, strict=True):
-                token_ids[index] = _without_padding(row)
+                token_ids[index] = row if len(row) else None
         payloads = []
         for index, (image, ids) in enumerate(zip(images, token_ids, strict=True)):
             if image is None and ids is None:
@@ -185,11 +186,22 @@ class MultimodalRunner(TaskRunner):
         return self.prepare([Pair(None, "warm up")], ["warm-up"])[0]._replace(image=image)
 
 
-RunnerFactory = Callable[[LoadedCheckpoint, torch.device, Any], TaskRunner]
-RUNNERS: dict[str, RunnerFactory] = {
-    "image": lambda checkpoint, device, settings: ImageRunner(checkpoint, device, settings.max_image_pixels,
-                                                             settings.precision),
-    "text": lambda checkpoint, device, settings: TextRunner(checkpoint, device, settings.precision),
-    "multimodal": lambda checkpoint, device, settings: MultimodalRunner(checkpoint, device, settings.max_image_pixels,
-                                                                       settings.precision),
+def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
+                  tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
+    return ImageRunner(checkpoint, device, settings.max_image_pixels, settings.precision)
+
+
+def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
+                 tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
+    return TextRunner(checkpoint, device, settings.precision, tokenizer)
+
+
+def _multimodal_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
+                       tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
+    return MultimodalRunner(checkpoint, device, settings.max_image_pixels, settings.precision, tokenizer)
+
+
+# task → factory(checkpoint, device, settings, tokenizer pool = tokenise in the calling thread)
+RUNNERS: dict[str, Callable[..., TaskRunner]] = {
+    "image": _image_runner, "text": _text_runner, "multimodal": _multimodal_runner,
 }

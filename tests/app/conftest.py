@@ -91,7 +91,7 @@ def main_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     """The service over the tiny models, API keys on, small limits."""
     env = {"MODEL_DIR": str(model_dir), "API_KEYS": f"{API_KEY}, test-key-2", "MAX_UPLOAD_BYTES": "300000",
            "MAX_ITEMS_PER_REQUEST": "8", "MAX_TEXT_CHARS": "500", "MAX_IMAGE_PIXELS": "1000000",
-           "MAX_BATCH_SIZE": "16", "MAX_WAIT_MS": "20",
+           "MAX_BATCH_SIZE": "16", "MAX_WAIT_MS": "20", "TOKENIZER_PROCESSES": "1",
            "PRECISION": "fp32"}  # exact comparisons with the checkpoint; bf16 serving: test_precision.py
     server = Server(tmp_path_factory.mktemp("main") / "server.log", env)
     try:

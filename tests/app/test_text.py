@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import pytest
 import torch
+from servicekit import metric
 
 from models.checkpoint import load_checkpoint
 from models.text_encoding import load_text_encoder
@@ -27,6 +29,24 @@ def test_classify_texts_returns_calibrated_predictions_in_order(client: httpx.Cl
         assert math.isclose(sum(prediction["probabilities"].values()), 1.0, abs_tol=1e-5)
         assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
         assert len(prediction["top_k"]) == 2
+
+
+def test_texts_are_tokenised_in_a_worker_process_once_it_is_up(client: httpx.Client, model_dir) -> None:
+    """TOKENIZER_PROCESSES=1: the pool starts after ready; from then on texts skip the service's GIL."""
+    texts = ["The goalie made saves", "graphics card"]
+    until = time.monotonic() + 60
+    while metric(str(client.base_url), "crossmodal_texts_tokenised_total", {"where": "process"}) == 0:
+        assert time.monotonic() < until, "no text was tokenised in a worker process within 60 s"
+        response = client.post("/v1/text/classify", json={"texts": texts})
+        assert response.status_code == 200, response.text
+        time.sleep(0.2)
+    response = client.post("/v1/text/classify", json={"texts": texts})  # through the process: same answers
+    loaded = load_checkpoint(model_dir / "tiny-text")
+    encoder = load_text_encoder(model_dir / "tiny-text", loaded.manifest)
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(token_ids=encoder.encode(texts)), dim=-1).tolist()
+    for prediction, row in zip(response.json()["predictions"], expected, strict=True):
+        assert list(prediction["probabilities"].values()) == pytest.approx(row, abs=1e-5)
 
 
 def test_classify_accepts_a_single_text(client: httpx.Client) -> None:
