@@ -62,6 +62,7 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
         device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
         limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
+        refit_full=getattr(args, "refit_full", False), calibration_from=getattr(args, "calibration_from", None),
     ))
 
 
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
                           help="architecture config override, e.g. widths=[96,384,384]")
     pretrain.add_argument("--name", help="model name served by the API (default: the output folder name)")
+    pretrain.add_argument("--refit-full", action="store_true",
+                          help="train on every image (no validation split); needs --calibration-from")
+    pretrain.add_argument("--calibration-from", type=Path, metavar="CHECKPOINT",
+                          help="with --refit-full: the same recipe trained with its validation split, whose "
+                               "temperature and validation metrics the refit takes over")
     add_loop_arguments(pretrain)
     pretrain.set_defaults(handler=_image_command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.checkpoint import load_checkpoint, new_manifest
-from training.common import finish_checkpoint, lineage, pick_device
+from models.checkpoint import Manifest, load_checkpoint, new_manifest, read_manifest, save_checkpoint, sha256_file
+from training.common import code_version, command_line, finish_checkpoint, lineage, pick_device
 from training.image_data import ImageDataset, augment, channel_stats, load_image_folder, normalize, stratified_split
 from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
+from training.metrics import plot_training_curves
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +113,38 @@ class ImageRunOptions:
     limit: int | None = None  # use only this many training images (smoke tests)
     stop_after_steps: int | None = None
     command: str = ""  # the command line recorded in the manifest
+    # Train on every image (no validation split) and take the calibration and the validation metrics
+    # from ``calibration_from``: the same recipe and seed, trained with the split and validated on it.
+    refit_full: bool = False
+    calibration_from: Path | None = None
+
+
+def _tuning_run(options: ImageRunOptions, architecture: str, fingerprint: str) -> Manifest:
+    """The checkpoint whose calibration a full refit reuses; it must be the same recipe on the same data."""
+    if options.calibration_from is None:
+        raise ValueError("--refit-full needs --calibration-from: a checkpoint of the same recipe trained with "
+                         "its validation split (the refit has none to calibrate on)")
+    reference = read_manifest(options.calibration_from)
+    problems = []
+    if reference.task != "image" or reference.architecture != architecture:
+        problems.append(f"it is a {reference.task}/{reference.architecture} checkpoint, not image/{architecture}")
+    if reference.data_fingerprint != fingerprint:
+        problems.append("it was trained on different data (its data fingerprint differs)")
+    if "temperature" not in reference.calibration or "validation" not in reference.metrics:
+        problems.append("it has no calibration or validation metrics")
+    if problems:
+        raise ValueError(f"--calibration-from {options.calibration_from}: {'; '.join(problems)}")
+    return reference
 
 
 def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     device = pick_device(options.device)
     torch.manual_seed(options.seed)  # model initialisation is part of the reproducible run
     data = load_image_folder(options.data)
+    if options.refit_full:
+        if options.parent is not None:
+            raise ValueError("--refit-full is for pretrain-image (from scratch), not for fine-tuning")
+        return _refit_full(options, data, device)
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
     if options.limit:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
@@ -182,4 +210,55 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
              "loop": dataclasses.asdict(loop), "batch_size": batch_size, "flip": flip}
     summary = finish_checkpoint(options.output, model, manifest, val_logits, val_labels, history, extra_metrics=extra)
     discard_training_state(state_dir)
+    return summary
+
+
+def _refit_full(options: ImageRunOptions, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+    """The recipe on every image; calibration and validation metrics come from the tuning run."""
+    architecture = options.architecture
+    reference = _tuning_run(options, architecture, data.fingerprint)
+    recipe_model = IMAGE_RECIPES.get(architecture, {}).get("model", {})
+    model = build_model(architecture, {"num_classes": len(data.classes), **recipe_model, **options.model_config})
+    mean, std = channel_stats(data.images)
+    if hasattr(model, "init_whitening"):
+        cast(Any, model).init_whitening(normalize(data.images[:5000], mean, std))
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
+    batch_size = options.batch_size or recipe.pop("batch_size")
+    recipe.pop("batch_size", None)
+    flip = recipe.pop("flip", "random")
+    recipe.pop("model", None)
+    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
+    loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields})
+    state_dir = options.output.parent / f".{options.output.name}.train-state"
+    history = fit(model, ImageBatches(data, batch_size, options.seed, mean, std, flip=flip), loop, device=device,
+                  state_dir=state_dir, stop_after_steps=options.stop_after_steps, description=f"{architecture} (all)")
+    if options.stop_after_steps is not None and len(history) < loop.epochs:
+        return {"stopped": True, "state": str(state_dir)}
+    validation = dict(reference.metrics["validation"])
+    validation.update(
+        measured_on=lineage(options.calibration_from),
+        note=f"validation metrics and calibration of {reference.name!r} (same recipe and seed, trained without "
+             f"its {validation.get('validation_images', '?')} validation images); this model trained on all "
+             f"{len(data)} images, so it has no held-out split of its own",
+        train_images=len(data), validation_images=0, refit_full=True, history=history,
+        train_seconds=sum(row["seconds"] for row in history), device=str(device),
+        loop=dataclasses.asdict(loop), batch_size=batch_size, flip=flip,
+    )
+    manifest = new_manifest(
+        options.name or options.output.name, "image", architecture, model.config,  # type: ignore[arg-type]
+        classes=data.classes,
+        preprocessing={"kind": "image", "size": 32, "mean": mean, "std": std, "color": "RGB", "resize": "bilinear"},
+        data_fingerprint=data.fingerprint, training_command=options.command or command_line(),
+        calibration=dict(reference.calibration), metrics={"validation": validation},
+    )
+    manifest = dataclasses.replace(manifest, code_version=code_version())
+    save_checkpoint(options.output, model.cpu(), manifest)
+    plot_training_curves(history, options.output.parent / f"{options.output.name}.curves.png",
+                         f"{manifest.name} training (all {len(data)} images)")
+    discard_training_state(state_dir)
+    summary = {"checkpoint": str(options.output), "train_images": len(data), "refit_full": True,
+               "temperature": reference.calibration["temperature"], "calibration_from": reference.name,
+               "train_seconds": validation["train_seconds"], "weights_sha256": sha256_file(options.output / "model.safetensors")}
+    logger.info("wrote %s: %s", options.output, json.dumps(summary))
     return summary

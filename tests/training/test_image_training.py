@@ -123,3 +123,29 @@ def test_unreadable_image_is_a_clear_error(cifar_subset: Path, tmp_path: Path, c
     (data / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     assert _train(data, tmp_path / "out") == 2
     assert "broken.jpg: unreadable image" in capsys.readouterr().err
+
+
+def test_refit_full_trains_on_every_image_and_takes_over_the_tuning_runs_calibration(
+        cifar_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _train(cifar_subset, tmp_path / "tuned", "--epochs", "2") == 0
+    tuned = read_manifest(tmp_path / "tuned")
+    assert _train(cifar_subset, tmp_path / "full", "--epochs", "2", "--refit-full",
+                  "--calibration-from", str(tmp_path / "tuned")) == 0
+    full = load_checkpoint(tmp_path / "full")
+    validation = full.manifest.metrics["validation"]
+    images = sum(1 for path in cifar_subset.rglob("*") if path.is_file())
+    assert validation["train_images"] == images and validation["validation_images"] == 0
+    assert validation["train_images"] > tuned.metrics["validation"]["train_images"]
+    assert full.manifest.calibration == tuned.calibration
+    assert validation["accuracy"] == tuned.metrics["validation"]["accuracy"]
+    assert validation["measured_on"]["weights_sha256"] == tuned.weights_sha256
+    assert full.manifest.weights_sha256 != tuned.weights_sha256
+    assert full.model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert (tmp_path / "full.curves.png").stat().st_size > 1000
+    # a refit needs a matching tuning run
+    capsys.readouterr()
+    assert _train(cifar_subset, tmp_path / "bad", "--epochs", "1", "--refit-full") != 0
+    assert "--calibration-from" in capsys.readouterr().err
+    assert _train(cifar_subset, tmp_path / "bad", "--epochs", "1", "--refit-full", "--arch", "lenet",
+                  "--calibration-from", str(tmp_path / "tuned")) != 0
+    assert "not image/lenet" in capsys.readouterr().err
