@@ -1,7 +1,8 @@
 """What differs between tasks, behind one small interface the registry and the worker share.
 
 A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`` (untrusted
-inputs → per-item payloads, CPU, run in a thread pool), ``collate`` (payloads → a batch of device
+inputs → per-item payloads, CPU, run in a thread pool; texts are tokenised through the service's
+``app.tokenizing.TokenizerPool``, in worker processes once they are up), ``collate`` (payloads → a batch of device
 tensors), ``forward`` (the model call) and a warm-up payload. The worker is generic over runners;
 each task has a runner here and one entry in ``RUNNERS``: images, texts, and image + text pairs
 (``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
