@@ -41,6 +41,7 @@ class ServerProcess:
         self.name, self.port, self.url = name, port, f"http://127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
+        self.memory_at_ready: dict[str, float] = {}
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env}, stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
@@ -59,10 +60,29 @@ class ServerProcess:
             time.sleep(0.02)
         raise TimeoutError(f"{self.name} not ready after {timeout} s")
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server and all its child processes (LitServe forks workers)."""
+    def memory(self) -> dict[str, float]:
+        """MB: the main process's RSS, and the proportional set size (PSS) of the whole process tree.
+
+        Servers with worker processes (LitServe's workers, our tokenizer processes) map the same
+        libraries and share copy-on-write pages; summing RSS would count those once per process,
+        PSS splits each shared page among the processes that map it.
+        """
         root = psutil.Process(self.process.pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+        tree = [root, *root.children(recursive=True)]
+        pss = 0
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                pss += process.memory_full_info().pss
+        return {"rss_main_mb": root.memory_info().rss / 2**20, "pss_total_mb": pss / 2**20, "processes": len(tree)}
+
+    def pause(self) -> None:
+        """SIGSTOP the server's whole session (its worker processes too) while others are measured."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -18,6 +18,7 @@ import json
 import logging
 import platform
 import random
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -91,34 +92,91 @@ def pick_model(model_dir: Path, task: str, wanted: str | None) -> tuple[str, Pat
     return name, found[name]
 
 
-def bench_server(server: ServerProcess, path: str, payload: Payload, args: argparse.Namespace, tool: str,
-                 ours: bool) -> dict[str, Any]:
-    result: dict[str, Any] = {"ready_s": server.ready_s, "rss_mb_ready": server.rss_mb(), "levels": []}
+def measure_level(server: ServerProcess, path: str, payload: Payload, clients: int, args: argparse.Namespace,
+                  tool: str, ours: bool) -> dict[str, Any]:
+    """One run of ``clients`` connections against ``server`` (after a short warm-up of the same level)."""
+    drive(tool, server.url, path, payload, clients, min(2.0, args.duration), args.api_key)  # warm the path
+    before = scrape(server.url) if ours else {}
+    load = drive(tool, server.url, path, payload, clients, args.duration, args.api_key)
+    run: dict[str, Any] = dataclasses.asdict(load)
+    if ours:
+        run["breakdown"] = time_breakdown(before, scrape(server.url))
+    logger.info("%s, %d clients: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors", server.name, clients,
+                load.rps, load.p50_ms, load.p99_ms, load.errors)
+    return run
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A level over its rounds: medians of throughput and latency percentiles, summed counts."""
+    middle = sorted(runs, key=lambda run: run["rps"])[len(runs) // 2]
+    level = {key: statistics.median(run[key] for run in runs) for key in ("rps", "p50_ms", "p95_ms", "p99_ms")}
+    level.update(clients=runs[0]["clients"], requests=sum(run["requests"] for run in runs),
+                 errors=sum(run["errors"] for run in runs), tool=runs[0]["tool"], runs=runs)
+    if "breakdown" in middle:
+        level["breakdown"] = middle["breakdown"]  # of the median-throughput run
+    return level
+
+
+def ratio_summary(runs: dict[str, list[dict[str, Any]]], numerator: str, denominator: str) -> dict[str, Any] | None:
+    """Per-round throughput ratios (the servers of a round ran minutes apart at most) and their median."""
+    if numerator not in runs or denominator not in runs:
+        return None
+    ratios = [a["rps"] / b["rps"] for a, b in zip(runs[numerator], runs[denominator], strict=True) if b["rps"] > 0]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios} if ratios else None
+
+
+def half_rate_check(server: ServerProcess, path: str, payload: Payload, best: float, args: argparse.Namespace,
+                    tool: str) -> dict[str, Any]:
+    clients = max(args.levels)
+    paced: LoadResult
+    if tool == "wrk":  # paced connections: wrk is C and light, so it leaves the two cores to the server
+        paced = run_wrk(server.url + path, payload, clients, args.duration, args.api_key,
+                        mean_delay_ms=1000 * clients / (best / 2))
+    else:
+        paced = run_locust(server.url, path, payload, clients, args.duration, args.api_key,
+                           rate_per_user=best / 2 / clients)
+    logger.info("%s at half the max rate (%.0f req/s offered, %.1f served): p99 %.1f ms", server.name, best / 2,
+                paced.rps, paced.p99_ms)
+    return {"target_rps": best / 2, **dataclasses.asdict(paced)}
+
+
+def bench_servers(servers: dict[str, ServerProcess], payloads: dict[str, Payload], paths: dict[str, str],
+                  args: argparse.Namespace, tool: str) -> dict[str, Any]:
+    """Every level, ``args.rounds`` times, each round running every server in turn (the order rotating).
+
+    This machine's speed drifts by tens of percent over minutes, so servers measured one after the
+    other would compare minutes, not servers; interleaved rounds and per-round ratios do not. Only
+    the server being measured runs: the others are paused (SIGSTOP), so idle polling cannot skew it.
+    """
+    configs = list(servers)
+    for server in servers.values():
+        server.pause()
+    runs: dict[int, dict[str, list[dict[str, Any]]]] = {}
     for clients in args.levels:
-        drive(tool, server.url, path, payload, clients, min(2.0, args.duration), args.api_key)  # warm the path
-        before = scrape(server.url) if ours else {}
-        load = drive(tool, server.url, path, payload, clients, args.duration, args.api_key)
-        level: dict[str, Any] = dataclasses.asdict(load)
-        if ours:
-            level["breakdown"] = time_breakdown(before, scrape(server.url))
-        logger.info("%s, %d clients: %.1f req/s, p50 %.1f ms, p99 %.1f ms, %d errors", server.name, clients,
-                    load.rps, load.p50_ms, load.p99_ms, load.errors)
-        result["levels"].append(level)
-    result["rss_mb_after_load"] = server.rss_mb()
-    if server.name == "batched" and args.half_rate_check:
-        best = max(level["rps"] for level in result["levels"])
-        clients = max(args.levels)
-        paced: LoadResult
-        if tool == "wrk":  # paced connections: wrk is C and light, so it leaves the two cores to the server
-            paced = run_wrk(server.url + path, payload, clients, args.duration, args.api_key,
-                            mean_delay_ms=1000 * clients / (best / 2))
-        else:
-            paced = run_locust(server.url, path, payload, clients, args.duration, args.api_key,
-                               rate_per_user=best / 2 / clients)
-        result["half_max_rate"] = {"target_rps": best / 2, **dataclasses.asdict(paced)}
-        logger.info("%s at half the max rate (%.0f req/s offered, %.1f served): p99 %.1f ms", server.name, best / 2,
-                    paced.rps, paced.p99_ms)
-    return result
+        runs[clients] = {config: [] for config in configs}
+        for round_ in range(args.rounds):
+            shift = round_ % len(configs)
+            for config in configs[shift:] + configs[:shift]:
+                server = servers[config]
+                server.resume()
+                try:
+                    runs[clients][config].append(measure_level(server, paths[config], payloads[config], clients, args,
+                                                               tool, config != "litserve"))
+                finally:
+                    server.pause()
+    results: dict[str, Any] = {}
+    for config, server in servers.items():
+        server.resume()
+        levels = [summarise(runs[clients][config]) for clients in args.levels]
+        result = {"ready_s": server.ready_s, "memory_ready": server.memory_at_ready, "memory_after_load": server.memory(),
+                  "levels": levels}
+        if config == "batched" and args.half_rate_check:
+            best = max(level["rps"] for level in levels)
+            result["half_max_rate"] = half_rate_check(server, paths[config], payloads[config], best, args, tool)
+        results[config] = result
+    ratios = {clients: {"vs_unbatched": ratio_summary(runs[clients], "batched", "unbatched"),
+                        "vs_litserve": ratio_summary(runs[clients], "batched", "litserve")} for clients in args.levels}
+    return {"servers": results, "ratios": ratios}
 
 
 def start_ours(name: str, args: argparse.Namespace, log_dir: Path, extra_env: dict[str, str]) -> ServerProcess:
@@ -144,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--task", choices=["image", "text"], default="image", help="what one request carries")
     parser.add_argument("--model", help="model name (default: the task's first model by name)")
     parser.add_argument("--levels", default="1,8,64", help="concurrent clients, comma-separated")
-    parser.add_argument("--duration", type=float, default=30, help="seconds of load per level")
+    parser.add_argument("--duration", type=float, default=30, help="seconds of load per level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every level per server, interleaved")
     parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5)
@@ -178,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             "task": args.task, "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
             "levels": args.levels, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "servers": {},
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds, "servers": {},
         }
         from benchmarks.serving.inprocess import measure_limit
 
@@ -194,14 +253,20 @@ def main(argv: list[str] | None = None) -> None:
             "unbatched": lambda: start_ours("unbatched", args, log_dir, {"MAX_BATCH_SIZE": "1"}),
             "litserve": lambda: start_litserve(checkpoint, args, log_dir),
         }
-        for config in configs:
-            server = plans[config]()
-            try:
-                ours = config != "litserve"
-                payload = write_payload(samples, our_kind if ours else their_kind, log_dir)
-                results["servers"][config] = bench_server(server, path if ours else "/predict", payload, args, tool,
-                                                          ours)
-            finally:
+        servers: dict[str, ServerProcess] = {}
+        try:
+            for config in configs:  # one at a time, the others paused: ready time and memory measured alone
+                for other in servers.values():
+                    other.pause()
+                servers[config] = plans[config]()
+                servers[config].memory_at_ready = servers[config].memory()
+            payloads = {config: write_payload(samples, their_kind if config == "litserve" else our_kind, log_dir)
+                        for config in configs}
+            paths = {config: "/predict" if config == "litserve" else path for config in configs}
+            results.update(bench_servers(servers, payloads, paths, args, tool))
+        finally:
+            for server in servers.values():
+                server.resume()
                 server.stop()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

@@ -17,13 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serving_benchmark_measures_every_server_without_errors(task: str, model_dir: Path, tmp_path: Path) -> None:
     output = tmp_path / f"bench-{task}"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "run.py"), "--model-dir", str(model_dir),
-                    "--task", task, "--duration", "1", "--levels", "1,4", "--batch-sizes", "1,4",
+                    "--task", task, "--duration", "1", "--levels", "1,4", "--batch-sizes", "1,4", "--rounds", "2",
                     "--output", str(output)], check=True, cwd=ROOT, timeout=300)
     results = json.loads(output.with_suffix(".json").read_text())
     assert results["task"] == task and set(results["servers"]) == {"batched", "unbatched", "litserve"}
     for server in results["servers"].values():
         assert [level["clients"] for level in server["levels"]] == [1, 4]
         assert all(level["requests"] > 0 and level["errors"] == 0 for level in server["levels"])
+        assert all(len(level["runs"]) == 2 for level in server["levels"])  # interleaved rounds
+        assert server["memory_after_load"]["pss_total_mb"] > 0
+    assert results["ratios"]["4"]["vs_unbatched"]["median"] > 0 and len(results["ratios"]["4"]["vs_litserve"]["rounds"]) == 2
     paced = results["servers"]["batched"]["half_max_rate"]
     assert paced["requests"] > 0 and paced["errors"] == 0
     assert results["in_process"]["best_items_per_s"] > 0
