@@ -10,8 +10,8 @@ text-heavy load kept one core of two busy (see benchmarks/serving/results-text.m
 * a child builds a model's encoder (its preprocessing and verified vocabulary, from the checkpoint
   directory) on first use and keeps it; it answers with the token ids of each text as int64 bytes;
 * the pool starts in the background: readiness never waits for it. Until a child has answered once,
-  with the pool off (``TOKENIZER_PROCESSES=0``) or after a child died, texts are encoded in the
-  calling thread by the same encoder code — the ids are the same either way.
+  with the pool off (``TOKENIZER_PROCESSES=0``) or after a child died or stopped answering, texts
+  are encoded in the calling thread by the same encoder code — the ids are the same either way.
 """
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ def default_processes() -> int:
 class TokenizerPool:
     """Encodes texts in child processes once they are up; in the calling thread until then."""
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, result_timeout_s: float = 15.0) -> None:
         self.processes = processes
+        # Far above any legitimate wait (a full queue of 20,000-character texts takes a few seconds):
+        # a child that does not answer by then is stuck, and the service must not be.
+        self.result_timeout_s = result_timeout_s
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._ready = threading.Event()
 
@@ -123,10 +126,14 @@ class TokenizerPool:
         executor = self._executor
         if executor is not None and self.ready:
             try:
-                encoded = executor.submit(_child_encode, source, list(texts)).result()
+                encoded = executor.submit(_child_encode, source, list(texts)).result(timeout=self.result_timeout_s)
             except BrokenProcessPool:
                 self._ready.clear()
                 logger.error("a tokenizer process died; tokenising in threads from now on")
+            except TimeoutError:
+                self._ready.clear()
+                logger.error("a tokenizer process did not answer within %.0f s; tokenising in threads from now on",
+                             self.result_timeout_s)
             except Exception:  # e.g. the checkpoint moved since start: the loaded encoder still works
                 logger.exception("tokenizer process failed on %s; tokenising this request in a thread", source)
             else:

@@ -51,6 +51,26 @@ def test_pool_falls_back_to_threads_when_its_child_dies(pool: TokenizerPool, mod
     assert not pool.ready
 
 
+def test_pool_falls_back_to_threads_when_its_child_stops_answering(model_dir: Path) -> None:
+    source = EncoderSource(str(model_dir / "tiny-text"), "text")
+    encoder = load_encoder(source)
+    stuck = TokenizerPool(1, result_timeout_s=0.5)
+    stuck.start()
+    until = time.monotonic() + 60
+    while not stuck.ready:
+        assert time.monotonic() < until, "the tokenizer process did not start within 60 s"
+        time.sleep(0.05)
+    assert stuck._executor is not None
+    child = stuck._executor.submit(_child_ping).result()
+    os.kill(child, signal.SIGSTOP)
+    try:
+        assert _same(stuck.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))  # after 0.5 s, in this thread
+        assert not stuck.ready
+    finally:
+        os.kill(child, signal.SIGCONT)
+        stuck.shutdown()
+
+
 def test_pool_with_no_processes_tokenises_in_the_calling_thread(model_dir: Path) -> None:
     source = EncoderSource(str(model_dir / "tiny-text"), "text")
     encoder = load_encoder(source)
