@@ -131,9 +131,9 @@ class TokenizerPool:
                 self._ready.clear()
                 logger.error("a tokenizer process died; tokenising in threads from now on")
             except TimeoutError:
-                self._ready.clear()
                 logger.error("a tokenizer process did not answer within %.0f s; tokenising in threads from now on",
                              self.result_timeout_s)
+                self._abandon(executor)
             except Exception:  # e.g. the checkpoint moved since start: the loaded encoder still works
                 logger.exception("tokenizer process failed on %s; tokenising this request in a thread", source)
             else:
@@ -142,6 +142,16 @@ class TokenizerPool:
                         for ids in encoded]
         TEXTS_TOKENISED.labels("thread").inc(len(texts))
         return encode_ids(encoder, texts)
+
+    def _abandon(self, executor: concurrent.futures.ProcessPoolExecutor) -> None:
+        """Turn the pool off for good and kill its children: a stuck child would also block shutdown."""
+        self._ready.clear()
+        if self._executor is executor:
+            self._executor = None
+        processes = list(getattr(executor, "_processes", {}).values())  # CPython keeps them there (3.8–3.13)
+        executor.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
 
     def shutdown(self) -> None:
         """Stop the children (after the service drained, so they are idle: this takes milliseconds)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -65,10 +67,13 @@ def test_pool_falls_back_to_threads_when_its_child_stops_answering(model_dir: Pa
     os.kill(child, signal.SIGSTOP)
     try:
         assert _same(stuck.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))  # after 0.5 s, in this thread
-        assert not stuck.ready
+        assert not stuck.ready and stuck._executor is None
+        time.sleep(0.5)
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE  # killed
+        stuck.shutdown()  # returns: nothing left to wait for
     finally:
-        os.kill(child, signal.SIGCONT)
-        stuck.shutdown()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
 
 
 def test_pool_with_no_processes_tokenises_in_the_calling_thread(model_dir: Path) -> None:
