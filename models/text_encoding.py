@@ -185,12 +185,15 @@ def spacy_tokenizer() -> Any:
 class ChunkTokenCache:
     """spaCy's tokenisation, remembered per whitespace-delimited chunk.
 
-    spaCy splits a text at whitespace first and tokenises each chunk on its own (affixes, infixes,
-    special cases never look across whitespace), so a text's tokens are its chunks' tokens in
-    order. Natural text repeats its chunks (Zipf), so remembering them skips most of spaCy's work:
-    its own cache stops after 10,000 chunks and stops filling within a document once a special case
-    is hit, and even a hit pays for a Python ``Token`` per token. ``tests/text`` checks that the
-    result equals plain spaCy over real corpora. At most ``max_chunks`` are kept (then the cache
+    spaCy splits a text at whitespace first and tokenises each chunk on its own (prefixes, suffixes
+    and infixes never look across whitespace), so a text's tokens are its chunks' tokens in order.
+    Only its special-case matching can see a neighbour: on all 11,314 20 Newsgroups training posts
+    one token differs from whole-document spaCy (":)" followed by " )", which whole-document spaCy
+    splits and chunk-wise keeps). Natural text repeats its chunks (Zipf), so remembering them skips
+    most of spaCy's work: its own cache stops after 10,000 chunks and stops filling within a document
+    once a special case is hit, and even a hit pays for a Python ``Token`` per token. ``tests/text``
+    checks equality with spaCy per chunk, and with whole-document spaCy on real posts. At most
+    ``max_chunks`` are kept (then the cache
     starts afresh: a bound on memory that hostile input cannot push further); safe to share between
     threads (each call works on its own view; dict operations are atomic under the GIL).
     """
