@@ -101,7 +101,9 @@ class Service:
             self.phase = READY
         self.ready_after_s = time.monotonic() - self.started_at
         if any(model.task in TEXT_TASKS for model in registry.models):
-            self.tokenizer.start()  # after ready: its start-up would only slow loading, and it is not needed to serve
+            # After ready, and in a thread: the fork server's imports take seconds that would only slow
+            # loading (or, on the event loop, the first answers); texts are tokenised in threads meanwhile.
+            threading.Thread(target=self.tokenizer.start, name="tokenizer-start", daemon=True).start()
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
                     ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
 

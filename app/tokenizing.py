@@ -97,21 +97,25 @@ class TokenizerPool:
         self.result_timeout_s = result_timeout_s
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._ready = threading.Event()
+        self._lock = threading.Lock()  # start (in a background thread) against shutdown
+        self._closed = False
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     def start(self) -> None:
-        """Start the children in the background (returns at once); no-op with 0 processes."""
-        if self.processes < 1 or self._executor is not None:
-            return
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])  # children start with torch and spaCy imported
-        self._executor = concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=context,
-                                                                initializer=_child_start)
-        # one ping per child: ProcessPoolExecutor starts a child per pending job, up to the limit
-        pings = [self._executor.submit(_child_ping) for _ in range(self.processes)]
+        """Start the children; no-op with 0 processes. Blocks until the fork server has imported
+        torch and spaCy (seconds): call it from a background thread, not the event loop."""
+        with self._lock:
+            if self.processes < 1 or self._executor is not None or self._closed:
+                return
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])  # children start with torch and spaCy imported
+            self._executor = concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=context,
+                                                                    initializer=_child_start)
+            # one ping per child: ProcessPoolExecutor starts a child per pending job, up to the limit
+            pings = [self._executor.submit(_child_ping) for _ in range(self.processes)]
         pings[0].add_done_callback(self._on_first_ping)
 
     def _on_first_ping(self, future: concurrent.futures.Future[int]) -> None:
@@ -155,10 +159,12 @@ class TokenizerPool:
 
     def shutdown(self) -> None:
         """Stop the children (after the service drained, so they are idle: this takes milliseconds)."""
-        self._ready.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        with self._lock:
+            self._closed = True
+            self._ready.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
 
 
 IN_THREAD = TokenizerPool(0)  # the default for runners built outside a service (tests, benchmarks)
