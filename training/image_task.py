@@ -137,6 +137,31 @@ def _tuning_run(options: ImageRunOptions, architecture: str, fingerprint: str) -
     return reference
 
 
+def _new_model(options: ImageRunOptions, classes: list[str],
+               images: torch.Tensor) -> tuple[nn.Module, list[float], list[float]]:
+    """A fresh ``options.architecture`` model with the recipe's config, and the normalisation of
+    ``images`` (the training images), whose first 5,000 also set a whitening stem."""
+    recipe_model = IMAGE_RECIPES.get(options.architecture, {}).get("model", {})
+    model = build_model(options.architecture, {"num_classes": len(classes), **recipe_model, **options.model_config})
+    mean, std = channel_stats(images)
+    if hasattr(model, "init_whitening"):
+        cast(Any, model).init_whitening(normalize(images[:5000], mean, std))
+    return model, mean, std
+
+
+def _recipe(options: ImageRunOptions, architecture: str, transfer: bool) -> tuple[LoopConfig, int, str]:
+    """The architecture's recipe with the command line's overrides: (loop, batch size, flip mode)."""
+    recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
+    batch_size = options.batch_size or recipe.pop("batch_size")
+    recipe.pop("batch_size", None)
+    flip = recipe.pop("flip", "random")
+    recipe.pop("model", None)
+    if transfer:
+        recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
+    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
+    return LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields}), batch_size, flip
+
+
 def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     device = pick_device(options.device)
     torch.manual_seed(options.seed)  # model initialisation is part of the reproducible run
@@ -161,22 +186,9 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
             cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
     else:
         architecture = options.architecture
-        recipe_model = IMAGE_RECIPES.get(architecture, {}).get("model", {})
-        config = {"num_classes": len(data.classes), **recipe_model, **options.model_config}
-        model = build_model(architecture, config)
-        mean, std = channel_stats(train.images)
-        if hasattr(model, "init_whitening"):
-            cast(Any, model).init_whitening(normalize(train.images[:5000], mean, std))
+        model, mean, std = _new_model(options, data.classes, train.images)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
-    batch_size = options.batch_size or recipe.pop("batch_size")
-    recipe.pop("batch_size", None)
-    flip = recipe.pop("flip", "random")
-    recipe.pop("model", None)
-    if options.parent is not None:
-        recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
-    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
-    loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields})
+    loop, batch_size, flip = _recipe(options, architecture, transfer=options.parent is not None)
     source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
 
@@ -217,19 +229,9 @@ def _refit_full(options: ImageRunOptions, data: ImageDataset, device: torch.devi
     """The recipe on every image; calibration and validation metrics come from the tuning run."""
     architecture = options.architecture
     reference = _tuning_run(options, architecture, data.fingerprint)
-    recipe_model = IMAGE_RECIPES.get(architecture, {}).get("model", {})
-    model = build_model(architecture, {"num_classes": len(data.classes), **recipe_model, **options.model_config})
-    mean, std = channel_stats(data.images)
-    if hasattr(model, "init_whitening"):
-        cast(Any, model).init_whitening(normalize(data.images[:5000], mean, std))
+    model, mean, std = _new_model(options, data.classes, data.images)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    recipe = {**IMAGE_RECIPES.get(architecture, IMAGE_RECIPES["fastconv"]), **options.loop}
-    batch_size = options.batch_size or recipe.pop("batch_size")
-    recipe.pop("batch_size", None)
-    flip = recipe.pop("flip", "random")
-    recipe.pop("model", None)
-    loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
-    loop = LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields})
+    loop, batch_size, flip = _recipe(options, architecture, transfer=False)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
     history = fit(model, ImageBatches(data, batch_size, options.seed, mean, std, flip=flip), loop, device=device,
                   state_dir=state_dir, stop_after_steps=options.stop_after_steps, description=f"{architecture} (all)")
