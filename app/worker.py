@@ -167,22 +167,34 @@ class InferenceWorker:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
-            now = loop.time()
-            live = []
-            for item in batch:
-                if now > item.deadline:
-                    item.future.set_exception(DeadlineExceeded("the request waited past its deadline in the queue"))
-                    metrics.ITEMS.labels(item.served.name, "deadline").inc()
-                else:
-                    live.append(item)
-            groups: dict[str, list[WorkItem]] = {}
-            for item in live:
-                groups.setdefault(item.served.name, []).append(item)
-            for group in groups.values():
-                await self._run_group(group)
+            try:
+                await self._run_batch(batch)
+            except Exception as error:  # a bug here must cost one batch, never the worker (every later request)
+                logger.exception("the inference worker failed on a batch of %d; it goes on", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(InferenceFailed(f"inference failed: {error}"))
+
+    async def _run_batch(self, batch: list[WorkItem]) -> None:
+        now = asyncio.get_running_loop().time()
+        live = []
+        for item in batch:
+            # Collected items can be cancelled while the batch waits for more (their request's
+            # deadline passed, or its client went away): nothing is owed to them any more.
+            if item.future.done():
+                continue
+            if now > item.deadline:
+                item.future.set_exception(DeadlineExceeded("the request waited past its deadline in the queue"))
+                metrics.ITEMS.labels(item.served.name, "deadline").inc()
+            else:
+                live.append(item)
+        groups: dict[str, list[WorkItem]] = {}
+        for item in live:
+            groups.setdefault(item.served.name, []).append(item)
+        for group in groups.values():
+            await self._run_group(group)
 
     async def _run_group(self, group: list[WorkItem]) -> None:
         served = group[0].served

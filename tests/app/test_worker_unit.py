@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.errors import Unavailable
+from app.errors import DeadlineExceeded, Unavailable
 from app.registry import ServedModel
 from app.tasks import TaskRunner
 from app.worker import InferenceWorker
@@ -74,3 +74,26 @@ def test_probabilities_are_the_calibrated_softmax_in_input_order() -> None:
     rows = asyncio.run(scenario())
     expected = torch.softmax(torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 0.5]]), dim=-1)
     torch.testing.assert_close(torch.stack(rows), expected)
+
+
+def test_worker_survives_an_item_cancelled_past_its_deadline_while_its_batch_formed() -> None:
+    """Regression: such an item's future was already cancelled, and answering it 504 raised
+    InvalidStateError in the worker task, which died: every later request timed out (found by
+    pausing a loaded server with SIGSTOP, which moves every deadline into the past)."""
+
+    async def scenario() -> list[torch.Tensor]:
+        worker = InferenceWorker(torch.device("cpu"), 4, 300, 10)  # a forming batch waits up to 300 ms
+        worker.start()
+        served = _served(_Identity())
+        loop = asyncio.get_running_loop()
+        try:
+            with worker.preparing():  # another request is on its way, so the batch keeps waiting
+                with pytest.raises(DeadlineExceeded):
+                    await worker.submit(served, [torch.zeros(2)], loop.time() + 0.05)
+                await asyncio.sleep(0.4)  # the batch closes with only the cancelled item in it
+            return await asyncio.wait_for(worker.submit(served, [torch.ones(2)], loop.time() + 5), timeout=3)
+        finally:
+            await worker.stop(1)
+
+    rows = asyncio.run(scenario())
+    torch.testing.assert_close(rows[0], torch.tensor([0.5, 0.5]))
