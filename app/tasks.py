@@ -1,8 +1,9 @@
 """What differs between tasks, behind one small interface the registry and the worker share.
 
 A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`` (untrusted
-inputs → per-item payloads, CPU, run in a thread pool; texts are tokenised through the service's
-``app.tokenizing.TokenizerPool``, in worker processes once they are up), ``collate`` (payloads → a batch of device
+inputs → per-item payloads, CPU; the service awaits ``prepare_async``, which runs it in a thread
+pool, or for texts hands them to the service's ``app.tokenizing.TokenizerPool``, whose worker
+processes take the texts of every request of one event-loop turn in one call), ``collate`` (payloads → a batch of device
 tensors), ``forward`` (the model call) and a warm-up payload. The worker is generic over runners;
 each task has a runner here and one entry in ``RUNNERS``: images, texts, and image + text pairs
 (``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
@@ -11,7 +12,7 @@ each task has a runner here and one entry in ``RUNNERS``: images, texts, and ima
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -26,6 +27,8 @@ from models.checkpoint import CheckpointError, LoadedCheckpoint
 from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_text_encoder
 from models.precision import native_autocast_dtype
 from models.text_encoding import PAD_ID
+
+RunBlocking = Callable[..., Awaitable[Any]]  # run a function in the service's thread pool
 
 
 class TaskRunner(abc.ABC):
@@ -52,6 +55,11 @@ class TaskRunner(abc.ABC):
     @abc.abstractmethod
     def warmup_payload(self) -> Any:
         """One valid payload, for warming the model up before the service turns ready."""
+
+    async def prepare_async(self, inputs: Sequence[Any], names: Sequence[str], run_blocking: RunBlocking) -> list[Any]:
+        """``prepare`` for the service's event loop: in a thread (``run_blocking``) unless a runner knows better."""
+        payloads: list[Any] = await run_blocking(self.prepare, inputs, names)
+        return payloads
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch)  # (B, classes) logits
@@ -112,7 +120,13 @@ class TextRunner(TaskRunner):
         self.tokenizer = tokenizer
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
-        ids = self.tokenizer.encode(self.source, self.encoder, list(inputs))
+        return self._padded(self.tokenizer.encode(self.source, self.encoder, list(inputs)))
+
+    async def prepare_async(self, inputs: Sequence[Any], names: Sequence[str], run_blocking: RunBlocking) -> list[Any]:
+        return self._padded(await self.tokenizer.encode_async(self.source, self.encoder, list(inputs), run_blocking))
+
+    @staticmethod
+    def _padded(ids: list[torch.Tensor]) -> list[torch.Tensor]:
         return [row if len(row) else torch.full((1,), PAD_ID) for row in ids]  # a text without tokens: one <pad>
 
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:

@@ -11,12 +11,16 @@ text-heavy load kept one core of two busy (see benchmarks/serving/results-text.m
   directory) on first use and keeps it; it answers with the token ids of each text as int64 bytes;
 * the pool starts in the background: readiness never waits for it. Until a child has answered once,
   with the pool off (``TOKENIZER_PROCESSES=0``) or after a child died or stopped answering, texts
-  are encoded in the calling thread by the same encoder code — the ids are the same either way.
+  are encoded in the calling thread by the same encoder code — the ids are the same either way;
+* on the event loop (``encode_async``), the texts of all requests that arrive in one turn of the
+  loop go to a child in one call: a hand-off per request (a thread, then the pool's own threads,
+  all under the service's GIL) cost the loaded service more than tokenising did.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import concurrent.futures
 import dataclasses
 import logging
@@ -24,7 +28,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -82,6 +86,30 @@ def _child_ping() -> int:
 
 # ---- in the service ----------------------------------------------------------------------------
 
+def _from_bytes(ids: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(ids), dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
+
+
+def _settle(target: asyncio.Future[list[bytes]], done: asyncio.Future[list[bytes]]) -> None:
+    if target.done():
+        return
+    if done.cancelled():
+        target.cancel()
+    elif (error := done.exception()) is not None:
+        target.set_exception(error)
+        target.exception()  # retrieved: its requests may all have timed out and fallen back already
+    else:
+        target.set_result(done.result())
+
+
+@dataclasses.dataclass
+class _Group:
+    """Texts of the requests that arrived in one turn of the event loop, sent to a child together."""
+
+    texts: list[str]
+    result: asyncio.Future[list[bytes]]
+
+
 def default_processes() -> int:
     """One less than the CPUs (the service's own process needs one), at least 1, at most 4."""
     return max(1, min(4, (os.cpu_count() or 1) - 1))
@@ -90,15 +118,19 @@ def default_processes() -> int:
 class TokenizerPool:
     """Encodes texts in child processes once they are up; in the calling thread until then."""
 
-    def __init__(self, processes: int, result_timeout_s: float = 15.0) -> None:
+    def __init__(self, processes: int, result_timeout_s: float = 15.0, grace_s: float = 5.0) -> None:
         self.processes = processes
         # Far above any legitimate wait (a full queue of 20,000-character texts takes a few seconds):
         # a child that does not answer by then is stuck, and the service must not be.
         self.result_timeout_s = result_timeout_s
+        # ... counted again from when that timeout fired: a process that was paused (SIGSTOP, a
+        # frozen VM) finds every timeout expired when it resumes, and its children are not stuck.
+        self.grace_s = grace_s
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
         self._ready = threading.Event()
         self._lock = threading.Lock()  # start (in a background thread) against shutdown
         self._closed = False
+        self._forming: dict[EncoderSource, _Group] = {}  # touched on the event loop only
 
     @property
     def ready(self) -> bool:
@@ -125,25 +157,72 @@ class TokenizerPool:
         else:
             logger.error("tokenizer processes failed to start (%r); tokenising in threads", future.exception())
 
+    async def encode_async(self, source: EncoderSource, encoder: TextEncoder, texts: Sequence[str],
+                           run_blocking: Callable[..., Awaitable[list[torch.Tensor]]]) -> list[torch.Tensor]:
+        """``encode`` from the event loop: the texts join this turn's group for a child; in a
+        thread (``run_blocking``) while the pool is not up or when the child fails."""
+        executor = self._executor
+        if executor is None or not self.ready:
+            return await run_blocking(self.encode, source, encoder, texts)
+        loop = asyncio.get_running_loop()
+        group = self._forming.get(source)
+        if group is None:
+            group = self._forming[source] = _Group([], loop.create_future())
+            loop.call_soon(self._send, source, executor)
+        start = len(group.texts)
+        group.texts.extend(texts)
+        try:
+            try:
+                async with asyncio.timeout(self.result_timeout_s):
+                    encoded = await asyncio.shield(group.result)
+            except TimeoutError:
+                async with asyncio.timeout(self.grace_s):
+                    encoded = await asyncio.shield(group.result)
+        except BrokenProcessPool:
+            self._ready.clear()
+            logger.error("a tokenizer process died; tokenising in threads from now on")
+        except TimeoutError:
+            logger.error("a tokenizer process did not answer within %.0f s; tokenising in threads from now on",
+                         self.result_timeout_s + self.grace_s)
+            self._abandon(executor)
+        except Exception:
+            logger.exception("tokenizer process failed on %s; tokenising this request in a thread", source)
+        else:
+            TEXTS_TOKENISED.labels("process").inc(len(texts))
+            return [_from_bytes(ids) for ids in encoded[start:start + len(texts)]]
+        return await run_blocking(self.encode, source, encoder, texts)
+
+    def _send(self, source: EncoderSource, executor: concurrent.futures.ProcessPoolExecutor) -> None:
+        group = self._forming.pop(source)
+        try:
+            sent = executor.submit(_child_encode, source, group.texts)
+        except Exception as error:  # shut down or broken since the group formed: its requests fall back
+            group.result.set_exception(error)
+            return
+        asyncio.wrap_future(sent).add_done_callback(lambda done: _settle(group.result, done))
+
     def encode(self, source: EncoderSource, encoder: TextEncoder, texts: Sequence[str]) -> list[torch.Tensor]:
         """Token ids per text (1-D int64); ``encoder`` is the same encoder, for the in-thread path."""
         executor = self._executor
         if executor is not None and self.ready:
             try:
-                encoded = executor.submit(_child_encode, source, list(texts)).result(timeout=self.result_timeout_s)
+                sent = executor.submit(_child_encode, source, list(texts))
+                try:
+                    encoded = sent.result(timeout=self.result_timeout_s)
+                except TimeoutError:
+                    encoded = sent.result(timeout=self.grace_s)
             except BrokenProcessPool:
                 self._ready.clear()
                 logger.error("a tokenizer process died; tokenising in threads from now on")
             except TimeoutError:
                 logger.error("a tokenizer process did not answer within %.0f s; tokenising in threads from now on",
-                             self.result_timeout_s)
+                             self.result_timeout_s + self.grace_s)
                 self._abandon(executor)
             except Exception:  # e.g. the checkpoint moved since start: the loaded encoder still works
                 logger.exception("tokenizer process failed on %s; tokenising this request in a thread", source)
             else:
                 TEXTS_TOKENISED.labels("process").inc(len(encoded))
-                return [torch.frombuffer(bytearray(ids), dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
-                        for ids in encoded]
+                return [_from_bytes(ids) for ids in encoded]
         TEXTS_TOKENISED.labels("thread").inc(len(texts))
         return encode_ids(encoder, texts)
 

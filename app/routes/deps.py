@@ -71,7 +71,7 @@ async def classify(
     worker.check_capacity(len(inputs))  # refuse early, before spending time on decoding
     started = time.perf_counter()
     with worker.preparing():
-        payloads = await service.run_blocking(served.runner.prepare, inputs, names)
+        payloads = await served.runner.prepare_async(inputs, names, service.run_blocking)
     metrics.PREPROCESS.labels(served.name).observe(time.perf_counter() - started)
     probabilities = await worker.submit(served, payloads, deadline)
     body = ClassifyResponse(
