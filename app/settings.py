@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32"] = Field(
         default="auto", description="auto: autocast to bf16/fp16 on CUDA, and image models to bf16 on CPUs with native "
                                     "bf16 (AVX-512 BF16, AMX); fp32: full precision everywhere")
+    trace_models: bool = Field(
+        default=True, description="run image models traced with TorchScript on a CPU (checked equal to eager at load): "
+                                  "the traced forward releases the GIL, so request handling no longer stalls it")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
     tokenizer_processes: int | None = Field(
         default=None, ge=0, le=64, description="processes that tokenise texts, off the service's GIL (0: in threads; "

@@ -20,11 +20,12 @@ from torch import nn
 
 from app.errors import InvalidInput, ServiceError
 from app.preprocess import prepare_image
-from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool
+from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
+from app.tracing import trace_image_model
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
-from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_text_encoder
+from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing
 from models.precision import native_autocast_dtype
 from models.text_encoding import PAD_ID
 
@@ -77,7 +78,8 @@ class ImageRunner(TaskRunner):
     task = "image"
     cpu_autocast = True
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto") -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
+                 trace: bool = False) -> None:
         super().__init__(checkpoint, device, precision)
         checkpoint.model.to(memory_format=torch.channels_last)  # what oneDNN and cuDNN convolve fastest
         self.preprocessing = dict(checkpoint.manifest.preprocessing)
@@ -86,6 +88,14 @@ class ImageRunner(TaskRunner):
         # training normalises uint8 with mean and std given on the 0–1 scale
         self.mean = torch.tensor(self.preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(self.preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
+        self.traced: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # see app.tracing: on a CPU the traced forward runs without the GIL. Only architectures that
+        # declare a pure tensor forward are traced: a trace silently drops Python side effects
+        if trace and getattr(checkpoint.model, "traceable", False):
+            generator = torch.Generator().manual_seed(0)
+            example, check = (self.collate(list(torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8,
+                                                              generator=generator)))["images"] for n in (2, 3))
+            self.traced = trace_image_model(checkpoint.model, example, check, self.autocast_dtype)
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
         payloads = []
@@ -101,6 +111,9 @@ class ImageRunner(TaskRunner):
         images = (images.float() - self.mean) / self.std
         return {"images": images.contiguous(memory_format=torch.channels_last)}
 
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.traced(batch["images"]) if self.traced is not None else model(**batch)
+
     def warmup_payload(self) -> Any:
         return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
 
@@ -113,10 +126,8 @@ class TextRunner(TaskRunner):
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD) -> None:
         super().__init__(checkpoint, device, precision)
-        from models.text_encoding import load_text_encoder
-
-        self.encoder = load_text_encoder(checkpoint.directory, checkpoint.manifest)
         self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.encoder = load_encoder(self.source, checkpoint.manifest)  # the tokenizer processes load the same
         self.tokenizer = tokenizer
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
@@ -164,8 +175,8 @@ class MultimodalRunner(TaskRunner):
             self.mean, self.std = [float(v) for v in image["mean"]], [float(v) for v in image["std"]]
         except (FusionInputError, KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
-        self.encoder = load_fusion_text_encoder(checkpoint.directory, checkpoint.manifest)
         self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.encoder = load_encoder(self.source, checkpoint.manifest)
         self.tokenizer = tokenizer
         self.max_pixels = max_pixels
 
@@ -203,7 +214,8 @@ class MultimodalRunner(TaskRunner):
 
 def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
                   tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
-    return ImageRunner(checkpoint, device, settings.max_image_pixels, settings.precision)
+    return ImageRunner(checkpoint, device, settings.max_image_pixels, settings.precision,
+                       trace=settings.trace_models and device.type == "cpu")
 
 
 def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from app.metrics import TEXTS_TOKENISED
+from models.checkpoint import Manifest
 from models.text_encoding import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,13 @@ class EncoderSource:
     task: str  # "text" or "multimodal"
 
 
-def load_encoder(source: EncoderSource) -> TextEncoder:
+def load_encoder(source: EncoderSource, manifest: Manifest | None = None) -> TextEncoder:
+    """The model's text encoder (``manifest``: the checkpoint's, when the caller has read it already)."""
     from models.checkpoint import read_manifest
     from models.fusion import load_fusion_text_encoder
     from models.text_encoding import load_text_encoder
 
-    manifest = read_manifest(Path(source.checkpoint_dir))
+    manifest = manifest or read_manifest(Path(source.checkpoint_dir))
     loader = load_fusion_text_encoder if source.task == "multimodal" else load_text_encoder
     return loader(source.checkpoint_dir, manifest)
 

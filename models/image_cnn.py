@@ -8,6 +8,7 @@ down so label-smoothed logits stay small) but is written from those ideas, not f
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ class LeNetConfig:
 
 class LeNet(nn.Module):
     """The seed's network: conv 6 → 16, fc 120 → 84 → classes, on 32×32 inputs."""
+
+    # forward is a pure function of the image tensor, so a TorchScript trace is exact (app.tracing)
+    traceable: ClassVar[bool] = True
 
     def __init__(self, config: LeNetConfig) -> None:
         super().__init__()
@@ -81,6 +85,8 @@ class ConvGroup(nn.Module):
 
 
 class FastConvNet(nn.Module):
+    traceable: ClassVar[bool] = True  # see LeNet
+
     def __init__(self, config: FastConvConfig) -> None:
         super().__init__()
         self.config = config

@@ -156,8 +156,8 @@ def _recipe(options: ImageRunOptions, architecture: str, transfer: bool) -> tupl
     recipe.pop("batch_size", None)
     flip = recipe.pop("flip", "random")
     recipe.pop("model", None)
-    if transfer:
-        recipe.setdefault("lr", recipe["lr"] / 4)  # gentler for transfer; override with --lr
+    if transfer and "lr" not in options.loop:
+        recipe["lr"] = recipe["lr"] / 4  # gentler for transfer; --lr overrides
     loop_fields = {f.name for f in dataclasses.fields(LoopConfig)}
     return LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields}), batch_size, flip
 

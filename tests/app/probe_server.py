@@ -27,6 +27,8 @@ class ProbeConfig(LeNetConfig):
 
 
 class Probe(LeNet):
+    traceable = False  # sleeping and raising are Python side effects a trace would drop
+
     def __init__(self, config: ProbeConfig) -> None:
         super().__init__(LeNetConfig(config.num_classes, config.in_channels))
         self.probe = config

@@ -149,3 +149,13 @@ def test_refit_full_trains_on_every_image_and_takes_over_the_tuning_runs_calibra
     assert _train(cifar_subset, tmp_path / "bad", "--epochs", "1", "--refit-full", "--arch", "lenet",
                   "--calibration-from", str(tmp_path / "tuned")) != 0
     assert "not image/lenet" in capsys.readouterr().err
+
+
+def test_fine_tuning_starts_from_a_quarter_of_the_recipe_rate_unless_lr_is_given(tmp_path: Path) -> None:
+    from training.image_task import IMAGE_RECIPES, ImageRunOptions, _recipe
+
+    options = ImageRunOptions(data=tmp_path, output=tmp_path / "out")
+    assert _recipe(options, "fastconv", transfer=False)[0].lr == IMAGE_RECIPES["fastconv"]["lr"]
+    assert _recipe(options, "fastconv", transfer=True)[0].lr == IMAGE_RECIPES["fastconv"]["lr"] / 4
+    given = ImageRunOptions(data=tmp_path, output=tmp_path / "out", loop={"lr": 0.05})
+    assert _recipe(given, "fastconv", transfer=True)[0].lr == 0.05

@@ -1,0 +1,53 @@
+"""Tracing image models for the service: exact against eager, or not used at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.settings import Settings
+from app.tasks import RUNNERS, ImageRunner
+from app.tracing import trace_image_model
+from models.checkpoint import load_checkpoint
+
+BUNDLED_IMAGE_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "cifar10-fastconv"
+
+
+def test_the_bundled_image_model_is_served_traced_with_the_eager_outputs() -> None:
+    checkpoint = load_checkpoint(BUNDLED_IMAGE_MODEL)
+    device = torch.device("cpu")
+    eager = RUNNERS["image"](checkpoint, device, Settings(model_dir=BUNDLED_IMAGE_MODEL.parent, trace_models=False))
+    traced = RUNNERS["image"](checkpoint, device, Settings(model_dir=BUNDLED_IMAGE_MODEL.parent))  # the default
+    assert isinstance(traced, ImageRunner) and isinstance(eager, ImageRunner)
+    assert traced.traced is not None and eager.traced is None
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    dtype = traced.autocast_dtype
+    for size in (1, 5):  # traced at batch 2: other batch sizes must give the same numbers
+        batch = traced.collate(list(images[:size]))
+        with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            expected, got = eager.forward(checkpoint.model, batch), traced.forward(checkpoint.model, batch)
+        assert got.shape == (size, 10)
+        torch.testing.assert_close(got.float(), expected.float())
+
+
+class _BranchesOnData(nn.Module):
+    """What a trace cannot follow: the branch taken depends on the input's values."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = images.mean(dim=(2, 3))
+        return pooled * 2 if float(pooled.sum()) > 0 else pooled + 5
+
+
+def test_a_model_whose_trace_differs_from_eager_stays_eager() -> None:
+    positive, negative = torch.ones(2, 3, 4, 4), -torch.ones(3, 3, 4, 4)
+    assert trace_image_model(_BranchesOnData(), positive, negative, None) is None
+    assert trace_image_model(_BranchesOnData(), positive, positive[:1] * 3, None) is not None
+
+
+def test_only_architectures_that_declare_a_pure_forward_are_traced(monkeypatch) -> None:
+    checkpoint = load_checkpoint(BUNDLED_IMAGE_MODEL)
+    monkeypatch.setattr(type(checkpoint.model), "traceable", False)  # as a model with side effects says
+    runner = RUNNERS["image"](checkpoint, torch.device("cpu"), Settings(model_dir=BUNDLED_IMAGE_MODEL.parent))
+    assert isinstance(runner, ImageRunner) and runner.traced is None
