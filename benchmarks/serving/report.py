@@ -23,7 +23,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"{results['started']} · tool: {results['tool']} · {results['duration_s']:g} s per level and round, "
         f"{rounds} interleaved rounds (servers in turn, the idle ones paused) · one {item[:-1]} per "
         f"request · MAX_BATCH_SIZE={results['max_batch_size']}, MAX_WAIT_MS={results['max_wait_ms']:g} · "
-        f"{results['machine']['platform']}", "",
+        f"{results['machine']['platform']}" + (f" · {results['machine']['cpu']}" if results["machine"].get("cpu") else ""), "",
         "Medians over the rounds; req/s of each round in the last column.", "",
         "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | rounds (req/s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -54,6 +54,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines += ["", f"## Targets at {top} clients", "",
               f"- batched vs MAX_BATCH_SIZE=1: {_ratio(ratios.get('vs_unbatched'))} (target ≥ 3×)",
               f"- batched vs LitServe: {_ratio(ratios.get('vs_litserve'))} (target ≥ 1×)"]
+    if ratios.get("vs_eager"):
+        lines.append(f"- batched (traced) vs the same server with TRACE_MODELS=false: {_ratio(ratios['vs_eager'])}")
     half = results["servers"].get("batched", {}).get("half_max_rate")
     if half:
         each = ", ".join(f"{p99:.0f}" for p99 in half.get("p99_ms_rounds", []))

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import platform
 import random
 import statistics
@@ -117,6 +118,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return level
 
 
+def cpu_model() -> str:
+    """The CPU's name and its bf16 support: image models run in bf16 only where the CPU has it natively."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    vector = next((label for flag, label in (("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+                   if flag in flags), "no AVX2")
+    return f"{name}, {os.cpu_count()} CPUs, {vector}"
+
+
 def ratio_summary(runs: dict[str, list[dict[str, Any]]], numerator: str, denominator: str) -> dict[str, Any] | None:
     """Per-round throughput ratios (the servers of a round ran minutes apart at most) and their median."""
     if numerator not in runs or denominator not in runs:
@@ -178,7 +192,8 @@ def bench_servers(servers: dict[str, ServerProcess], payloads: dict[str, Payload
                                        "p99_ms_rounds": [check["p99_ms"] for check in checks]}
         results[config] = result
     ratios = {clients: {"vs_unbatched": ratio_summary(runs[clients], "batched", "unbatched"),
-                        "vs_litserve": ratio_summary(runs[clients], "batched", "litserve")} for clients in args.levels}
+                        "vs_litserve": ratio_summary(runs[clients], "batched", "litserve"),
+                        "vs_eager": ratio_summary(runs[clients], "batched", "eager")} for clients in args.levels}
     return {"servers": results, "ratios": ratios}
 
 
@@ -211,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128", help="for the in-process limit")
-    parser.add_argument("--configs", default="batched,unbatched,litserve")
+    parser.add_argument("--configs", default="batched,unbatched,litserve",
+                        help="servers to compare, of batched, unbatched, litserve, eager (batched, TRACE_MODELS=false)")
     parser.add_argument("--api-key", default="", help="run our server with this API key and send it")
     parser.add_argument("--no-half-rate-check", dest="half_rate_check", action="store_false",
                         help="skip the paced run at half the best throughput (needs locust)")
@@ -239,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, Any] = {
             "task": args.task, "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
             "levels": args.levels, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model()},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds, "servers": {},
         }
         from benchmarks.serving.inprocess import measure_limit
@@ -254,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
             "batched": lambda: start_ours("batched", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
                                                                      "MAX_WAIT_MS": str(args.max_wait_ms)}),
             "unbatched": lambda: start_ours("unbatched", args, log_dir, {"MAX_BATCH_SIZE": "1"}),
+            # the batched server with image models run eagerly, not traced (what TRACE_MODELS buys)
+            "eager": lambda: start_ours("eager", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
+                                                                 "MAX_WAIT_MS": str(args.max_wait_ms),
+                                                                 "TRACE_MODELS": "false"}),
             "litserve": lambda: start_litserve(checkpoint, args, log_dir),
         }
         servers: dict[str, ServerProcess] = {}
