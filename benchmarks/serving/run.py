@@ -266,14 +266,12 @@ def main(argv: list[str] | None = None) -> None:
         logger.info("in-process limit: %.0f items/s at batch %d", results["in_process"]["best_items_per_s"],
                     results["in_process"]["best_batch_size"])
         path = f"/v1/{args.task}/classify"
+        batching = {"MAX_BATCH_SIZE": str(args.max_batch_size), "MAX_WAIT_MS": str(args.max_wait_ms)}
         plans = {
-            "batched": lambda: start_ours("batched", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
-                                                                     "MAX_WAIT_MS": str(args.max_wait_ms)}),
+            "batched": lambda: start_ours("batched", args, log_dir, batching),
             "unbatched": lambda: start_ours("unbatched", args, log_dir, {"MAX_BATCH_SIZE": "1"}),
             # the batched server with image models run eagerly, not traced (what TRACE_MODELS buys)
-            "eager": lambda: start_ours("eager", args, log_dir, {"MAX_BATCH_SIZE": str(args.max_batch_size),
-                                                                 "MAX_WAIT_MS": str(args.max_wait_ms),
-                                                                 "TRACE_MODELS": "false"}),
+            "eager": lambda: start_ours("eager", args, log_dir, {**batching, "TRACE_MODELS": "false"}),
             "litserve": lambda: start_litserve(checkpoint, args, log_dir),
         }
         servers: dict[str, ServerProcess] = {}

@@ -10,15 +10,16 @@ from pathlib import Path
 import psutil
 import pytest
 
+from benchmarks.serving.run import CIFAR, NEWS
+
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_DATA = ROOT.parent / "shared" / "data"  # the benchmark sends a real image or real posts from here
-ARCHIVES = {"image": "cifar10-jpeg-train.tar.gz", "text": "20news-bydate-train.tar.gz"}
+SENT_FROM = {"image": CIFAR, "text": NEWS}  # the shared archive the benchmark takes its real image or posts from
 
 
 @pytest.mark.parametrize("task", ["image", "text"])
 def test_serving_benchmark_measures_every_server_without_errors(task: str, model_dir: Path, tmp_path: Path) -> None:
-    if not (SHARED_DATA / ARCHIVES[task]).is_file():
-        pytest.skip(f"shared data missing: {SHARED_DATA / ARCHIVES[task]}")
+    if not SENT_FROM[task].is_file():
+        pytest.skip(f"shared data missing: {SENT_FROM[task]}")
     output = tmp_path / f"bench-{task}"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "run.py"), "--model-dir", str(model_dir),
                     "--task", task, "--duration", "1", "--levels", "1,4", "--batch-sizes", "1,4", "--rounds", "2",
