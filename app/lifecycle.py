@@ -35,7 +35,6 @@ from app.worker import InferenceWorker
 logger = logging.getLogger(__name__)
 
 STARTING, READY, DRAINING, FAILED = "starting", "ready", "draining", "failed"
-TEXT_TASKS = ("text", "multimodal")
 
 
 class Service:
@@ -85,10 +84,11 @@ class Service:
         settings = self.settings
         try:
             registry = await asyncio.to_thread(load_registry, settings, self.device, self.tokenizer)
+            self._start_tokenizer(registry)
             worker = InferenceWorker(self.device, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
             if settings.warmup:
                 for served in registry.models:
-                    await worker.warm_up(served, sorted({1, settings.max_batch_size}))
+                    await worker.warm_up(served, warmup_batch_sizes(self.device, settings.max_batch_size))
             worker.start()
         except Exception as error:
             self.phase, self.error = FAILED, str(error) or type(error).__name__
@@ -100,12 +100,15 @@ class Service:
         if self.phase == STARTING:
             self.phase = READY
         self.ready_after_s = time.monotonic() - self.started_at
-        if any(model.task in TEXT_TASKS for model in registry.models):
-            # After ready, and in a thread: the fork server's imports take seconds that would only slow
-            # loading (or, on the event loop, the first answers); texts are tokenised in threads meanwhile.
-            threading.Thread(target=self.tokenizer.start, name="tokenizer-start", daemon=True).start()
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
                     ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
+
+    def _start_tokenizer(self, registry: ModelRegistry) -> None:
+        """Start the tokenizer processes with the text models' encoders, beside the warm-up: in a
+        thread, since the fork server's imports take seconds (on the other core)."""
+        sources = [model.runner.source for model in registry.models if model.runner.source is not None]
+        if sources:
+            threading.Thread(target=self.tokenizer.start, args=(sources,), name="tokenizer-start", daemon=True).start()
 
     # ---- drain and stop ------------------------------------------------------------------
 
@@ -160,6 +163,16 @@ class Service:
         self.tokenizer.shutdown()
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
+
+
+def warmup_batch_sizes(device: torch.device, max_batch_size: int) -> list[int]:
+    """The batch sizes to warm a model up with. On a GPU the largest batch too (kernel selection and
+    the caching allocator); on the CPU only a single item and a pair: there the first batch of a new
+    size costs no more than later ones (measured: 0.39 s vs 0.37 s for 32 images), so warming the
+    largest would only delay readiness."""
+    if device.type == "cpu":
+        return sorted({1, min(2, max_batch_size)})
+    return sorted({1, max_batch_size})
 
 
 @contextlib.asynccontextmanager

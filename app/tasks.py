@@ -27,7 +27,7 @@ from models.checkpoint import CheckpointError, LoadedCheckpoint
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
 from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing
 from models.precision import native_autocast_dtype
-from models.text_encoding import PAD_ID
+from models.text_encoding import PAD_ID, UNK_ID
 
 RunBlocking = Callable[..., Awaitable[Any]]  # run a function in the service's thread pool
 
@@ -38,6 +38,7 @@ class TaskRunner(abc.ABC):
     # models; the text models are cheap and stay in float32 there.
     cpu_autocast: ClassVar[bool] = False
     autocast_dtype: torch.dtype | None = None  # set per device and PRECISION in __init__
+    source: EncoderSource | None = None  # where tokenizer processes find the model's text encoder, if it reads text
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto") -> None:
         self.manifest = checkpoint.manifest
@@ -122,6 +123,7 @@ class TextRunner(TaskRunner):
     """Texts → 1-D id tensors (tokenised by the checkpoint's own encoder); right-padded per batch."""
 
     task = "text"
+    source: EncoderSource
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD) -> None:
@@ -145,7 +147,7 @@ class TextRunner(TaskRunner):
         return {"token_ids": token_ids.to(self.device, non_blocking=True)}
 
     def warmup_payload(self) -> Any:
-        return self.prepare(["warm up"], ["warm-up"])[0]
+        return _warmup_ids(self)
 
 
 class Pair(NamedTuple):
@@ -164,6 +166,7 @@ class MultimodalRunner(TaskRunner):
     """Pairs → (uint8 image or None, token ids or None); collated with the fusion models' own contract."""
 
     task = "multimodal"
+    source: EncoderSource
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD) -> None:
@@ -208,8 +211,16 @@ class MultimodalRunner(TaskRunner):
                                     self.mean, self.std, self.size, self.device)
 
     def warmup_payload(self) -> Any:
-        image = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        return self.prepare([Pair(None, "warm up")], ["warm-up"])[0]._replace(image=image)
+        return PairPayload(torch.zeros(3, self.size, self.size, dtype=torch.uint8), _warmup_ids(self))
+
+
+def _warmup_ids(runner: TextRunner | MultimodalRunner) -> torch.Tensor:
+    """Token ids to warm a text-reading model with. Tokenised here only when this process tokenises
+    (no tokenizer processes): the first tokenisation imports spaCy, a second that readiness need not
+    wait for when tokenizer processes do it for themselves."""
+    if runner.tokenizer.processes < 1:
+        return runner.tokenizer.encode(runner.source, runner.encoder, ["warm up"])[0]
+    return torch.tensor([UNK_ID, UNK_ID, UNK_ID, UNK_ID])
 
 
 def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,

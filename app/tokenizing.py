@@ -5,13 +5,18 @@ the service's threads it runs one at a time with the event loop and the inferenc
 text-heavy load kept one core of two busy (see benchmarks/serving/results-text.md). A
 ``TokenizerPool`` runs it in ``TOKENIZER_PROCESSES`` child processes instead:
 
-* children come from a fork server (a clean, single-threaded process started for the purpose), never
-  forked from the threaded service itself;
-* a child builds a model's encoder (its preprocessing and verified vocabulary, from the checkpoint
-  directory) on first use and keeps it; it answers with the token ids of each text as int64 bytes;
-* the pool starts in the background: readiness never waits for it. Until a child has answered once,
-  with the pool off (``TOKENIZER_PROCESSES=0``) or after a child died or stopped answering, texts
-  are encoded in the calling thread by the same encoder code — the ids are the same either way;
+* children come from a fork server (a clean, single-threaded process started for the purpose, with
+  torch and spaCy imported), never forked from the threaded service itself;
+* a child loads the encoders it is started with (each model's preprocessing and verified vocabulary,
+  from the checkpoint directory) and tokenises once before it reports ready, so the first request
+  it serves is as fast as the rest; an encoder it was not started with is loaded on first use. It
+  answers with the token ids of each text as int64 bytes;
+* the pool starts in the background, while the service warms up (its imports take seconds, on the
+  other core): readiness never waits for it, nor for spaCy's import in the service process (about
+  a second), which only a text that arrives before the pool is up causes. Until a child has
+  answered once, with the pool off (``TOKENIZER_PROCESSES=0``) or after a child died or stopped
+  answering, texts are encoded in the calling thread by the same encoder code — the ids are the
+  same either way;
 * on the event loop (``encode_async``), the texts of all requests that arrive in one turn of the
   loop go to a child in one call: a hand-off per request (a thread, then the pool's own threads,
   all under the service's GIL) cost the loaded service more than tokenising did.
@@ -70,9 +75,11 @@ def encode_ids(encoder: TextEncoder, texts: Sequence[str]) -> list[torch.Tensor]
 _child_encoders: dict[EncoderSource, TextEncoder] = {}
 
 
-def _child_start() -> None:
+def _child_start(sources: Sequence[EncoderSource] = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches the whole group: the parent decides
     torch.set_num_threads(1)
+    for source in sources:  # before the first ping answers: a ready child has nothing left to load
+        _child_encode(source, ["warm up"])
 
 
 def _child_encode(source: EncoderSource, texts: Sequence[str]) -> list[bytes]:
@@ -138,16 +145,17 @@ class TokenizerPool:
     def ready(self) -> bool:
         return self._ready.is_set()
 
-    def start(self) -> None:
-        """Start the children; no-op with 0 processes. Blocks until the fork server has imported
-        torch and spaCy (seconds): call it from a background thread, not the event loop."""
+    def start(self, sources: Sequence[EncoderSource] = ()) -> None:
+        """Start the children, each with the encoders of ``sources`` loaded; no-op with 0 processes.
+        Blocks until the fork server has imported torch and spaCy (seconds): call it from a
+        background thread, not the event loop."""
         with self._lock:
             if self.processes < 1 or self._executor is not None or self._closed:
                 return
             context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])  # children start with torch and spaCy imported
-            self._executor = concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=context,
-                                                                    initializer=_child_start)
+            context.set_forkserver_preload([__name__, "spacy"])  # imported once, shared by the children
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                self.processes, mp_context=context, initializer=_child_start, initargs=(tuple(sources),))
             # one ping per child: ProcessPoolExecutor starts a child per pending job, up to the limit
             pings = [self._executor.submit(_child_ping) for _ in range(self.processes)]
         pings[0].add_done_callback(self._on_first_ping)

@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 
 import httpx
-from servicekit import save_image_model, wait_for_metric
+import pytest
+import torch
+from servicekit import metric, save_image_model, wait_for_metric
+
+from app.lifecycle import warmup_batch_sizes
 
 
 def test_ready_only_after_loading_and_drains_on_sigterm(start_server, tmp_path: Path, jpegs: list[bytes]) -> None:
@@ -45,7 +49,24 @@ def test_ready_only_after_loading_and_drains_on_sigterm(start_server, tmp_path: 
     assert "drained; shutting down" in server.logs()
 
 
+@pytest.mark.parametrize(("processes", "tokenised_by_warm_up"), [("1", 0), ("0", 1)])
+def test_warm_up_tokenises_in_the_service_only_without_tokenizer_processes(
+        start_server, model_dir: Path, processes: str, tokenised_by_warm_up: int) -> None:
+    """Tokenizer processes load their encoders (and import spaCy) for themselves, beside the warm-up:
+    readiness does not wait for the service process to do it too."""
+    server = start_server({"MODEL_DIR": str(model_dir), "TOKENIZER_PROCESSES": processes})
+    server.wait_ready()
+    assert metric(server.url, "crossmodal_texts_tokenised_total", {"where": "thread"}) == tokenised_by_warm_up
+
+
 def test_start_fails_clearly_without_a_model_directory(start_server, tmp_path: Path) -> None:
     server = start_server({"MODEL_DIR": str(tmp_path / "missing")})
     assert server.process.wait(timeout=240) != 0
     assert f"MODEL_DIR '{tmp_path / 'missing'}' is not a directory" in server.logs()
+
+
+def test_warm_up_runs_the_largest_batch_only_on_a_gpu() -> None:
+    """On the CPU a new batch size costs no more the first time: warming the largest only delays readiness."""
+    assert warmup_batch_sizes(torch.device("cpu"), 32) == [1, 2]
+    assert warmup_batch_sizes(torch.device("cpu"), 1) == [1]
+    assert warmup_batch_sizes(torch.device("cuda"), 32) == [1, 32]
