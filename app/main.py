@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from app.docs import install_docs
 from app.errors import install_error_handlers
@@ -21,7 +22,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("app").setLevel(settings.log_level.upper())
     service = Service(settings)
-    app = FastAPI(title="crossmodal", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+    telemetry = None if settings.opentelemetry else TelemetryConfig(tracing=False, metrics=False, logs=False,
+                                                                    operation_spans=False)
+    app = FastAPI(title="crossmodal", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, telemetry=telemetry,
                   description="Calibrated image, text and image + text (multimodal) classification, dynamically batched "
                               "on one worker per device.")
     app.state.service = service

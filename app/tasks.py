@@ -21,7 +21,7 @@ from torch import nn
 from app.errors import InvalidInput, ServiceError
 from app.preprocess import prepare_image
 from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
-from app.tracing import trace_image_model
+from app.tracing import script_text_model, trace_image_model
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
@@ -126,11 +126,17 @@ class TextRunner(TaskRunner):
     source: EncoderSource
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
-                 tokenizer: TokenizerPool = IN_THREAD) -> None:
+                 tokenizer: TokenizerPool = IN_THREAD, script: bool = False) -> None:
         super().__init__(checkpoint, device, precision)
         self.source = EncoderSource(str(checkpoint.directory), self.task)
         self.encoder = load_encoder(self.source, checkpoint.manifest)  # the tokenizer processes load the same
         self.tokenizer = tokenizer
+        self.scripted: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if script:  # see app.tracing: checked on ids of every kind (known, unknown, padding)
+            check = torch.randint(UNK_ID, len(self.encoder.vocabulary), (3, 24),
+                                  generator=torch.Generator().manual_seed(0))
+            check[2, 10:] = PAD_ID
+            self.scripted = script_text_model(checkpoint.model, check.to(device))
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
         return self._padded(self.tokenizer.encode(self.source, self.encoder, list(inputs)))
@@ -145,6 +151,9 @@ class TextRunner(TaskRunner):
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
         token_ids = nn.utils.rnn.pad_sequence(list(payloads), batch_first=True, padding_value=0)  # (B, T)
         return {"token_ids": token_ids.to(self.device, non_blocking=True)}
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.scripted(batch["token_ids"]) if self.scripted is not None else model(**batch)
 
     def warmup_payload(self) -> Any:
         return _warmup_ids(self)
@@ -231,7 +240,8 @@ def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: 
 
 def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
                  tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
-    return TextRunner(checkpoint, device, settings.precision, tokenizer)
+    return TextRunner(checkpoint, device, settings.precision, tokenizer,
+                      script=settings.trace_models and device.type == "cpu")
 
 
 def _multimodal_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,

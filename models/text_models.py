@@ -18,6 +18,8 @@ from its manifest config alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -95,12 +97,82 @@ def _segment_l2_normalise(rows: torch.Tensor, weights: torch.Tensor, batch: int)
     return weights / norms.sqrt().clamp(min=1e-12)[rows]
 
 
-def _count_pairs(rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+def _count_pairs(rows: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                 width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum ``counts`` over equal (row, id) pairs: (rows, ids, summed counts), sorted by row then id."""
     keys = rows * width + ids
     unique, inverse = torch.unique(keys, return_inverse=True)
-    summed = torch.zeros(len(unique), dtype=counts.dtype, device=counts.device).index_add_(0, inverse, counts)
+    summed = torch.zeros(unique.size(0), dtype=counts.dtype, device=counts.device).index_add_(0, inverse, counts)
     return unique // width, unique % width, summed
+
+
+def _tf(counts: torch.Tensor, sublinear: bool) -> torch.Tensor:
+    counts = counts.float()
+    return 1.0 + counts.log() if sublinear else counts
+
+
+# The computation of the n-gram bag, as functions of tensors and numbers that TorchScript compiles
+# (``NgramBagClassifier.scripted``): the eager module calls the same functions.
+
+def ngram_bag_features(token_ids: torch.Tensor, idf: torch.Tensor, bigram_keys: torch.Tensor,
+                       char_offsets: torch.Tensor, char_ids: torch.Tensor, vocab_size: int, num_bigrams: int,
+                       num_char_ngrams: int, max_tokens: int, padding_idx: int,
+                       sublinear_tf: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse features as (rows, feature ids, values), sorted by row; each block L2-normalised."""
+    token_ids = token_ids[:, :max_tokens]  # (B, T)
+    batch, length = token_ids.size(0), token_ids.size(1)
+    device = token_ids.device
+    positions = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)  # (B, T)
+    present = token_ids != padding_idx
+    rows, ids = positions[present], token_ids[present]
+    word_rows, word_ids, word_counts = _count_pairs(rows, ids, torch.ones_like(ids), vocab_size)
+    rows_w, ids_w, counts_w = word_rows, word_ids, word_counts
+    if num_bigrams > 0 and length > 1:
+        pair_present = present[:, :-1] & present[:, 1:]  # (B, T-1)
+        keys = (token_ids[:, :-1] * vocab_size + token_ids[:, 1:])[pair_present]
+        where = torch.searchsorted(bigram_keys, keys).clamp(max=num_bigrams - 1)
+        known = bigram_keys[where] == keys
+        pair_rows = positions[:, :-1][pair_present][known]
+        found = where[known]
+        rows_b, ids_b, counts_b = _count_pairs(pair_rows, found, torch.ones_like(found), num_bigrams)
+        # word and bigram features share one L2 norm (as one TF-IDF vectoriser over both)
+        rows_w = torch.cat([rows_w, rows_b])
+        ids_w = torch.cat([ids_w, ids_b + vocab_size])
+        counts_w = torch.cat([counts_w, counts_b])
+    values_w = _segment_l2_normalise(rows_w, _tf(counts_w, sublinear_tf) * idf[ids_w], batch)
+    if num_char_ngrams == 0:
+        order = torch.argsort(rows_w, stable=True)
+        return rows_w[order], ids_w[order], values_w[order]
+    starts, ends = char_offsets[word_ids], char_offsets[word_ids + 1]
+    spans = ends - starts  # n-grams of each (row, word)
+    owner = torch.repeat_interleave(torch.arange(word_ids.size(0), device=device), spans)
+    offsets_within = torch.arange(owner.size(0), device=device) - torch.repeat_interleave(
+        torch.cumsum(spans, 0) - spans, spans)
+    grams = char_ids[starts[owner] + offsets_within].long()
+    rows_c, ids_c, counts_c = _count_pairs(word_rows[owner], grams, word_counts[owner], num_char_ngrams)
+    ids_c = ids_c + vocab_size + num_bigrams
+    values_c = _segment_l2_normalise(rows_c, _tf(counts_c, sublinear_tf) * idf[ids_c], batch)
+    rows_all = torch.cat([rows_w, rows_c])
+    order = torch.argsort(rows_all, stable=True)
+    return rows_all[order], torch.cat([ids_w, ids_c])[order], torch.cat([values_w, values_c])[order]
+
+
+def ngram_bag_scores(token_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, idf: torch.Tensor,
+                     bigram_keys: torch.Tensor, char_offsets: torch.Tensor, char_ids: torch.Tensor, vocab_size: int,
+                     num_bigrams: int, num_char_ngrams: int, max_tokens: int, padding_idx: int, sublinear_tf: bool,
+                     score_power: float) -> torch.Tensor:
+    """(B, T) token ids → (B, classes) logits: the linear layer over the sparse features."""
+    rows, ids, values = ngram_bag_features(token_ids, idf, bigram_keys, char_offsets, char_ids, vocab_size,
+                                           num_bigrams, num_char_ngrams, max_tokens, padding_idx, sublinear_tf)
+    contributions = F.embedding(ids, weight).float() * values.unsqueeze(1)  # (N, classes)
+    logits = torch.zeros(token_ids.size(0), weight.size(1), device=values.device)
+    scores = logits.index_add_(0, rows, contributions) + bias  # (B, classes)
+    return signed_power(scores, score_power)
+
+
+@functools.cache
+def _scripted_scores() -> Callable[..., torch.Tensor]:
+    return torch.jit.script(ngram_bag_scores)  # type: ignore[no-any-return]
 
 
 class NgramBagClassifier(nn.Module):
@@ -125,59 +197,28 @@ class NgramBagClassifier(nn.Module):
         self.char_offsets: torch.Tensor
         self.char_ids: torch.Tensor
 
-    def _tf(self, counts: torch.Tensor) -> torch.Tensor:
-        counts = counts.float()
-        return 1.0 + counts.log() if self.config.sublinear_tf else counts
+    def _sizes(self) -> tuple[int, int, int, int, int, bool]:
+        c = self.config  # read on every call: training replaces it (e.g. a fitted score_power)
+        return c.vocab_size, c.num_bigrams, c.num_char_ngrams, c.max_tokens, c.padding_idx, c.sublinear_tf
 
     def features(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sparse features as (rows, feature ids, values), sorted by row; each block L2-normalised."""
-        config = self.config
-        token_ids = token_ids[:, : config.max_tokens]  # (B, T)
-        batch, length = token_ids.shape
-        device = token_ids.device
-        positions = torch.arange(batch, device=device).unsqueeze(1).expand(batch, length)  # (B, T)
-        present = token_ids != config.padding_idx
-        rows, ids = positions[present], token_ids[present]
-        ones = torch.ones_like(ids)
-        word_rows, word_ids, word_counts = _count_pairs(rows, ids, ones, config.vocab_size)
-        blocks = [(word_rows, word_ids, word_counts)]
-        if config.num_bigrams and length > 1:
-            pair_present = present[:, :-1] & present[:, 1:]  # (B, T-1)
-            keys = (token_ids[:, :-1] * config.vocab_size + token_ids[:, 1:])[pair_present]
-            where = torch.searchsorted(self.bigram_keys, keys).clamp(max=config.num_bigrams - 1)
-            known = self.bigram_keys[where] == keys
-            pair_rows = positions[:, :-1][pair_present][known]
-            found = where[known]
-            rows_b, ids_b, counts_b = _count_pairs(pair_rows, found, torch.ones_like(found), config.num_bigrams)
-            blocks.append((rows_b, ids_b + config.vocab_size, counts_b))
-        # word and bigram features share one L2 norm (as one TF-IDF vectoriser over both)
-        rows_w = torch.cat([b[0] for b in blocks])
-        ids_w = torch.cat([b[1] for b in blocks])
-        values_w = self._tf(torch.cat([b[2] for b in blocks])) * self.idf[ids_w]
-        values_w = _segment_l2_normalise(rows_w, values_w, batch)
-        parts = [(rows_w, ids_w, values_w)]
-        if config.num_char_ngrams:
-            starts, ends = self.char_offsets[word_ids], self.char_offsets[word_ids + 1]
-            spans = ends - starts  # n-grams of each (row, word)
-            owner = torch.repeat_interleave(torch.arange(len(word_ids), device=device), spans)
-            offsets_within = torch.arange(len(owner), device=device) - torch.repeat_interleave(
-                torch.cumsum(spans, 0) - spans, spans)
-            char_ids = self.char_ids[starts[owner] + offsets_within].long()
-            rows_c, ids_c, counts_c = _count_pairs(word_rows[owner], char_ids, word_counts[owner],
-                                                   config.num_char_ngrams)
-            ids_c = ids_c + config.vocab_size + config.num_bigrams
-            values_c = _segment_l2_normalise(rows_c, self._tf(counts_c) * self.idf[ids_c], batch)
-            parts.append((rows_c, ids_c, values_c))
-        rows_all = torch.cat([p[0] for p in parts])
-        order = torch.argsort(rows_all, stable=True)
-        return rows_all[order], torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+        return ngram_bag_features(token_ids, self.idf, self.bigram_keys, self.char_offsets, self.char_ids,
+                                  *self._sizes())
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        rows, ids, values = self.features(token_ids)  # (N,) each: N non-zero features in the batch
-        contributions = F.embedding(ids, self.weight).float() * values.unsqueeze(1)  # (N, classes)
-        logits = torch.zeros(token_ids.shape[0], self.config.num_classes, device=values.device)
-        scores = logits.index_add_(0, rows, contributions) + self.bias  # (B, classes)
-        return signed_power(scores, self.config.score_power)
+        return ngram_bag_scores(token_ids, self.weight, self.bias, self.idf, self.bigram_keys, self.char_offsets,
+                                self.char_ids, *self._sizes(), self.config.score_power)
+
+    def scripted(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward pass as one TorchScript call, with this model's tensors and its config as it is
+        now. For serving: the eager forward runs some forty small operations, each of which gives the
+        GIL up and must win it back, so beside a busy event loop it took 217–277 ms for 32 posts that
+        take 40 ms alone; the compiled function holds the GIL only to start."""
+        scores = _scripted_scores()
+        tensors = (self.weight, self.bias, self.idf, self.bigram_keys, self.char_offsets, self.char_ids)
+        numbers = (*self._sizes(), float(self.config.score_power))
+        return lambda token_ids: scores(token_ids, *tensors, *numbers)
 
 
 def signed_power(scores: torch.Tensor, power: float) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tracing image models for the service: exact against eager, or not used at all."""
+"""TorchScript for the service (image models traced, the n-gram text model scripted): exact against eager, or not used at all."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from app.settings import Settings
-from app.tasks import RUNNERS, ImageRunner
-from app.tracing import trace_image_model
+from app.tasks import RUNNERS, ImageRunner, TextRunner
+from app.tracing import script_text_model, trace_image_model
+from models import build_model
 from models.checkpoint import load_checkpoint
 
 BUNDLED_IMAGE_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "cifar10-fastconv"
+BUNDLED_TEXT_MODEL = BUNDLED_IMAGE_MODEL.parent / "20news-text"
 
 
 def test_the_bundled_image_model_is_served_traced_with_the_eager_outputs() -> None:
@@ -51,3 +53,26 @@ def test_only_architectures_that_declare_a_pure_forward_are_traced(monkeypatch) 
     monkeypatch.setattr(type(checkpoint.model), "traceable", False)  # as a model with side effects says
     runner = RUNNERS["image"](checkpoint, torch.device("cpu"), Settings(model_dir=BUNDLED_IMAGE_MODEL.parent))
     assert isinstance(runner, ImageRunner) and runner.traced is None
+
+
+def test_the_bundled_text_model_is_served_scripted_with_the_eager_outputs() -> None:
+    checkpoint = load_checkpoint(BUNDLED_TEXT_MODEL)
+    device = torch.device("cpu")
+    eager = RUNNERS["text"](checkpoint, device, Settings(model_dir=BUNDLED_TEXT_MODEL.parent, trace_models=False))
+    scripted = RUNNERS["text"](checkpoint, device, Settings(model_dir=BUNDLED_TEXT_MODEL.parent))  # the default
+    assert isinstance(scripted, TextRunner) and isinstance(eager, TextRunner)
+    assert scripted.scripted is not None and eager.scripted is None
+    texts = ["Subject: shuttle launch\n\nThe shuttle launch was delayed by the weather at the Cape.",
+             "Which graphics card runs X11 fastest?", "goalie", "zzzqqq unknownword"]
+    payloads = [torch.tensor(ids) for ids in scripted.encoder.ids(scripted.encoder.tokenize(texts))]
+    for size in (1, 4):  # one text; texts of different lengths (padding, unknown words, char n-grams)
+        batch = scripted.collate(payloads[:size])
+        with torch.inference_mode():
+            expected, got = eager.forward(checkpoint.model, batch), scripted.forward(checkpoint.model, batch)
+        assert got.shape == (size, 20)
+        torch.testing.assert_close(got, expected)
+
+
+def test_a_text_architecture_without_a_scripted_forward_stays_eager() -> None:
+    bilstm = build_model("bilstm", {"vocab_size": 50, "num_classes": 3, "embedding_dim": 8, "hidden_size": 8})
+    assert script_text_model(bilstm.eval(), torch.randint(2, 50, (2, 7))) is None
