@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -172,7 +173,12 @@ def ngram_bag_scores(token_ids: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 @functools.cache
 def _scripted_scores() -> Callable[..., torch.Tensor]:
-    return torch.jit.script(ngram_bag_scores)  # type: ignore[no-any-return]
+    with warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.compile, which splits this data-dependent code
+        # (unique, masks) into graphs joined by Python; torch is pinned, and the service checks the
+        # script against eager at load
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(ngram_bag_scores)  # type: ignore[no-any-return]
 
 
 class NgramBagClassifier(nn.Module):
