@@ -25,6 +25,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,40 +33,45 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _checked(model: nn.Module, compile_forward: Callable[[], Forward], check: torch.Tensor, context: Any,
+             how: str, rtol: float, atol: float) -> Forward | None:
+    """``compile_forward()``, if it builds under ``context`` and equals ``model`` on ``check``, else None."""
+    name = type(model).__name__
+    try:
+        with context, torch.inference_mode():
+            compiled = compile_forward()
+            eager_out, compiled_out = model(check).float(), compiled(check).float()
+    except Exception as error:  # an architecture TorchScript cannot follow: serve it eagerly
+        logger.warning("could not %s %s (%r); it runs eagerly", how, name, error)
+        return None
+    if eager_out.shape != compiled_out.shape or not torch.allclose(eager_out, compiled_out, rtol=rtol, atol=atol):
+        logger.warning("%s as TorchScript (%s) differs from the eager model; it runs eagerly", name, how)
+        return None
+    return compiled
+
+
 def trace_image_model(model: nn.Module, example: torch.Tensor, check: torch.Tensor,
-                      autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+                      autocast_dtype: torch.dtype | None) -> Forward | None:
     """``model`` traced on ``example`` (B, C, H, W), or None if it fails or differs from eager on ``check``."""
     device = example.device
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     torch._C._jit_set_autocast_mode(False)
-    try:
-        with warnings.catch_warnings(), torch.inference_mode(), autocast:
+
+    def trace() -> Forward:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices, and "torch.tensor results are constants"
-            traced = torch.jit.trace(model, example, check_trace=False)
-            eager_out, traced_out = model(check).float(), traced(check).float()
-    except Exception as error:  # an architecture the tracer cannot follow: serve it eagerly
-        logger.warning("could not trace %s (%r); it runs eagerly", type(model).__name__, error)
-        return None
-    if eager_out.shape != traced_out.shape or not torch.allclose(eager_out, traced_out, rtol=1e-3, atol=1e-4):
-        logger.warning("the trace of %s differs from the eager model; it runs eagerly", type(model).__name__)
-        return None
-    return traced  # type: ignore[no-any-return]
+            return torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-any-return]
+
+    return _checked(model, trace, check, autocast, "trace", rtol=1e-3, atol=1e-4)
 
 
-def script_text_model(model: nn.Module, check: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def script_text_model(model: nn.Module, check: torch.Tensor) -> Forward | None:
     """``model.scripted()`` when the architecture offers it and it equals eager on ``check`` (B, T) ids, else None."""
     scripted_of = getattr(model, "scripted", None)
     if scripted_of is None:
         return None
-    try:
-        with torch.inference_mode():
-            scripted = scripted_of()
-            eager_out, scripted_out = model(check).float(), scripted(check).float()
-    except Exception as error:
-        logger.warning("could not script %s (%r); it runs eagerly", type(model).__name__, error)
-        return None
-    if eager_out.shape != scripted_out.shape or not torch.allclose(eager_out, scripted_out, rtol=1e-4, atol=1e-5):
-        logger.warning("the scripted %s differs from the eager model; it runs eagerly", type(model).__name__)
-        return None
-    return scripted  # type: ignore[no-any-return]
+    return _checked(model, scripted_of, check, contextlib.nullcontext(), "script", rtol=1e-4, atol=1e-5)

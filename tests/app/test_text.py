@@ -32,7 +32,7 @@ def test_classify_texts_returns_calibrated_predictions_in_order(client: httpx.Cl
 
 
 def test_texts_are_tokenised_in_a_worker_process_once_it_is_up(client: httpx.Client, model_dir) -> None:
-    """TOKENIZER_PROCESSES=1: the pool starts after ready; from then on texts skip the service's GIL."""
+    """TOKENIZER_PROCESSES=1: the pool starts beside the warm-up; once it is up, texts skip the service's GIL."""
     texts = ["The goalie made saves", "graphics card"]
     until = time.monotonic() + 60
     while metric(str(client.base_url), "crossmodal_texts_tokenised_total", {"where": "process"}) == 0:
