@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,20 @@ def test_async_encode_falls_back_to_a_thread_when_the_child_stops_answering(mode
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGCONT)
+
+
+def test_children_load_their_encoders_before_they_answer(model_dir: Path, tmp_path: Path) -> None:
+    """A child loads the encoders it is started with before its first answer: one it cannot load
+    breaks the pool at start (not at the first request), and texts are tokenised in threads."""
+    source = EncoderSource(str(model_dir / "tiny-text"), "text")
+    encoder = load_encoder(source)
+    broken = TokenizerPool(1)
+    broken.start([source, EncoderSource(str(tmp_path / "gone"), "text")])
+    try:
+        assert broken._executor is not None
+        with pytest.raises(BrokenProcessPool):
+            broken._executor.submit(_child_ping).result(timeout=60)
+        assert not broken.ready
+        assert _same(broken.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))
+    finally:
+        broken.shutdown()
