@@ -38,3 +38,31 @@ def test_serving_benchmark_measures_every_server_without_errors(task: str, model
     assert "Targets at 4 clients" in output.with_suffix(".md").read_text()
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(model_dir) in " ".join(p.info["cmdline"] or [])]
     assert left == [], "a server process outlived the benchmark (it would skew the next measurement)"
+
+
+def test_profile_reports_cpu_per_process_and_samples_per_thread(model_dir: Path, tmp_path: Path) -> None:
+    if not NEWS.is_file():
+        pytest.skip(f"shared data missing: {NEWS}")
+    output = tmp_path / "profile-text"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "profile.py"), "--model-dir", str(model_dir),
+                    "--task", "text", "--clients", "8", "--duration", "2", "--output", str(output)],
+                   check=True, cwd=ROOT, timeout=300)
+    report = output.with_suffix(".md").read_text()
+    assert "| `" in report and "app.main:app" in report  # the service process's CPU
+    assert "## MainThread" in report and "## infer-" in report  # the event loop and the inference thread sampled
+    assert "InferenceWorker.compute (app/worker.py)" in report
+
+
+def test_profile_counts_samples_per_thread_inclusive_for_project_code_and_by_innermost_function() -> None:
+    from benchmarks.serving.profile import thread_profiles
+
+    raw = ["thread (1): MainThread;run (asyncio/runners.py:118);classify (app/routes/deps.py:84);"
+           "parse_qsl (urllib/parse.py:700) 3",
+           "thread (1): MainThread;run (asyncio/runners.py:118);classify (app/routes/deps.py:90) 2",
+           "thread (2): infer-cpu_0;compute (/srv/app/worker.py:250);forward (/x/site-packages/app/m.py:1) 5",
+           "not a sample line"]
+    threads = thread_profiles(raw)
+    main, infer = threads["MainThread"], threads["infer-cpu_0"]
+    assert main.samples == 5 and main.own["classify (routes/deps.py)"] == 5  # one function, two lines
+    assert main.leaves == {"parse_qsl (urllib/parse.py)": 3, "classify (routes/deps.py)": 2}
+    assert infer.samples == 5 and dict(infer.own) == {"compute (app/worker.py)": 5}  # site-packages is not ours
