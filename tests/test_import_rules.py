@@ -1,8 +1,9 @@
-"""The layering rule, checked by reading imports: app/ and training/ share only models/."""
+"""Import rules, checked by reading the tree: app/ and training/ share only models/; no module shadows the standard library."""
 
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,11 @@ def test_no_pickle_based_torch_loading_anywhere() -> None:
     for package in ("app", "models", "training"):
         for path in (ROOT / package).rglob("*.py"):
             assert "torch.load(" not in path.read_text(), f"{path} uses torch.load (pickle)"
+
+
+def test_no_module_shadows_the_standard_library() -> None:
+    """A script's folder comes first on sys.path: a ``benchmarks/serving/profile.py`` hid the standard
+    library's ``profile`` from ``cProfile`` (imported by spaCy) in ``run.py``, which then failed."""
+    shadowing = [str(p.relative_to(ROOT)) for folder in ("app", "models", "training", "benchmarks")
+                 for p in (ROOT / folder).rglob("*.py") if p.stem in sys.stdlib_module_names]
+    assert shadowing == []

@@ -44,7 +44,7 @@ def test_profile_reports_cpu_per_process_and_samples_per_thread(model_dir: Path,
     if not NEWS.is_file():
         pytest.skip(f"shared data missing: {NEWS}")
     output = tmp_path / "profile-text"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "profile.py"), "--model-dir", str(model_dir),
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "profile_service.py"), "--model-dir", str(model_dir),
                     "--task", "text", "--clients", "8", "--duration", "2", "--output", str(output)],
                    check=True, cwd=ROOT, timeout=300)
     report = output.with_suffix(".md").read_text()
@@ -54,7 +54,7 @@ def test_profile_reports_cpu_per_process_and_samples_per_thread(model_dir: Path,
 
 
 def test_profile_counts_samples_per_thread_inclusive_for_project_code_and_by_innermost_function() -> None:
-    from benchmarks.serving.profile import thread_profiles
+    from benchmarks.serving.profile_service import thread_profiles
 
     raw = ["thread (1): MainThread;run (asyncio/runners.py:118);classify (app/routes/deps.py:84);"
            "parse_qsl (urllib/parse.py:700) 3",

@@ -9,9 +9,10 @@ it with the same load tool and request bodies at ``--clients`` connections, and 
 
 A thread that waits for the GIL counts as active where it waits, so a thread that gives the GIL up
 often (an eager forward pass) shows up large: that is how the GIL convoys in ``app/tracing.py``
-were found. Writes ``OUTPUT.md``.
+were found. Writes ``OUTPUT.md``. (Not ``profile.py``: a script's folder comes first on ``sys.path``,
+where that name hides the standard library's ``profile`` module from ``cProfile``.)
 
-    python benchmarks/serving/profile.py --task text --output benchmarks/serving/profile-text
+    python benchmarks/serving/profile_service.py --task text --output benchmarks/serving/profile-text
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def write_report(output: Path, args: argparse.Namespace, rps: float, usage: list
                  threads: dict[str, ThreadProfile]) -> None:
     lines = [f"# Where the time goes: batched server, `{args.model}`, {args.clients} clients",
              "", f"{time.strftime('%Y-%m-%d %H:%M')} · {cpu_model()} · {rps:.1f} req/s while sampled "
-             f"(py-spy slows the server a little) · `python benchmarks/serving/profile.py --task {args.task}`",
+             f"(py-spy slows the server a little) · `python benchmarks/serving/profile_service.py --task {args.task}`",
              "", "CPU per process of the server's tree (1.0 = one core):", "",
              "| process | CPU |", "| --- | ---: |"]
     lines += [f"| `{command}` | {share:.2f} |" for command, share in usage]
