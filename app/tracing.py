@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _checked(model: nn.Module, compile_forward: Callable[[], Forward], check: torch.Tensor, context: Any,
+def _checked(model: nn.Module, compile_forward: Callable[[], Forward], check: torch.Tensor,
+             context: contextlib.AbstractContextManager[Any],
              how: str, rtol: float, atol: float) -> Forward | None:
     """``compile_forward()``, if it builds under ``context`` and equals ``model`` on ``check``, else None."""
     name = type(model).__name__

@@ -60,6 +60,11 @@ class ServerProcess:
             time.sleep(0.02)
         raise TimeoutError(f"{self.name} not ready after {timeout} s")
 
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and all its descendants (worker, tokenizer and fork-server processes)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
     def memory(self) -> dict[str, float]:
         """MB: the main process's RSS, and the proportional set size (PSS) of the whole process tree.
 
@@ -67,8 +72,7 @@ class ServerProcess:
         libraries and share copy-on-write pages; summing RSS would count those once per process,
         PSS splits each shared page among the processes that map it.
         """
-        root = psutil.Process(self.process.pid)
-        tree = [root, *root.children(recursive=True)]
+        root, *_ = tree = self.processes()
         pss = 0
         for process in tree:
             with contextlib.suppress(psutil.Error):

@@ -35,7 +35,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.settings import Settings
-from benchmarks.serving.harness import HERE, ROOT, drive, pick_tool, write_payload
+from benchmarks.serving.harness import HERE, ROOT, ServerProcess, drive, pick_tool, write_payload
 from benchmarks.serving.run import cpu_model, first_cifar_jpeg, news_posts, pick_model, start_ours
 
 logger = logging.getLogger("profile")
@@ -83,10 +83,9 @@ def _short(frame: str) -> str:
     return f"{function} ({'/'.join(path.split('/')[-2:])})" if path else function
 
 
-def cpu_per_process(root_pid: int, seconds: float) -> list[tuple[str, float]]:
-    """CPU seconds per wall second of every process of the tree rooted at ``root_pid``, over ``seconds``."""
-    root = psutil.Process(root_pid)
-    processes = [root, *root.children(recursive=True)]
+def cpu_per_process(server: ServerProcess, seconds: float) -> list[tuple[str, float]]:
+    """CPU seconds per wall second of every process of the server's tree, over ``seconds``."""
+    processes = server.processes()
     before = {process.pid: sum(process.cpu_times()[:2]) for process in processes}
     time.sleep(seconds)
     usage = []
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
     parser.add_argument("--output", type=Path, default=HERE / "profile")
     args = parser.parse_args(argv)
-    args.api_key, args.max_batch_size, args.max_wait_ms = "", 32, 5
+    args.api_key = ""  # start_ours and drive read it: the profiled server runs without API keys
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(py_spy).exists():
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
                                         str(round(args.duration)), "--rate", str(args.rate), "--threads",
                                         "--nonblocking", "--format", "raw", "--output", str(raw)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            usage = cpu_per_process(server.process.pid, args.duration)
+            usage = cpu_per_process(server, args.duration)
             sampler.wait(timeout=args.duration + 60)
             loader.join()
             threads = thread_profiles(raw.read_text().splitlines())

@@ -8,20 +8,25 @@ import torch
 from torch import nn
 
 from app.settings import Settings
-from app.tasks import RUNNERS, ImageRunner, TextRunner
+from app.tasks import RUNNERS, ImageRunner, TaskRunner, TextRunner
 from app.tracing import script_text_model, trace_image_model
 from models import build_model
-from models.checkpoint import load_checkpoint
+from models.checkpoint import LoadedCheckpoint, load_checkpoint
 
 BUNDLED_IMAGE_MODEL = Path(__file__).resolve().parents[2] / "checkpoints" / "cifar10-fastconv"
 BUNDLED_TEXT_MODEL = BUNDLED_IMAGE_MODEL.parent / "20news-text"
 
 
-def test_the_bundled_image_model_is_served_traced_with_the_eager_outputs() -> None:
-    checkpoint = load_checkpoint(BUNDLED_IMAGE_MODEL)
+def _eager_and_compiled(task: str, directory: Path) -> tuple[LoadedCheckpoint, TaskRunner, TaskRunner]:
+    """The bundled checkpoint and two runners of it: TRACE_MODELS off, and the default (on)."""
+    checkpoint = load_checkpoint(directory)
     device = torch.device("cpu")
-    eager = RUNNERS["image"](checkpoint, device, Settings(model_dir=BUNDLED_IMAGE_MODEL.parent, trace_models=False))
-    traced = RUNNERS["image"](checkpoint, device, Settings(model_dir=BUNDLED_IMAGE_MODEL.parent))  # the default
+    eager = RUNNERS[task](checkpoint, device, Settings(model_dir=directory.parent, trace_models=False))
+    return checkpoint, eager, RUNNERS[task](checkpoint, device, Settings(model_dir=directory.parent))
+
+
+def test_the_bundled_image_model_is_served_traced_with_the_eager_outputs() -> None:
+    checkpoint, eager, traced = _eager_and_compiled("image", BUNDLED_IMAGE_MODEL)
     assert isinstance(traced, ImageRunner) and isinstance(eager, ImageRunner)
     assert traced.traced is not None and eager.traced is None
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -56,10 +61,7 @@ def test_only_architectures_that_declare_a_pure_forward_are_traced(monkeypatch) 
 
 
 def test_the_bundled_text_model_is_served_scripted_with_the_eager_outputs() -> None:
-    checkpoint = load_checkpoint(BUNDLED_TEXT_MODEL)
-    device = torch.device("cpu")
-    eager = RUNNERS["text"](checkpoint, device, Settings(model_dir=BUNDLED_TEXT_MODEL.parent, trace_models=False))
-    scripted = RUNNERS["text"](checkpoint, device, Settings(model_dir=BUNDLED_TEXT_MODEL.parent))  # the default
+    checkpoint, eager, scripted = _eager_and_compiled("text", BUNDLED_TEXT_MODEL)
     assert isinstance(scripted, TextRunner) and isinstance(eager, TextRunner)
     assert scripted.scripted is not None and eager.scripted is None
     texts = ["Subject: shuttle launch\n\nThe shuttle launch was delayed by the weather at the Cape.",
