@@ -53,6 +53,7 @@ class Service:
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._compiling: asyncio.Task[None] | None = None
         self._draining: asyncio.Task[None] | None = None
         self._previous_sigterm: Any = None
 
@@ -102,6 +103,23 @@ class Service:
         self.ready_after_s = time.monotonic() - self.started_at
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
                     ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
+        self._compiling = asyncio.get_running_loop().create_task(self._compile(registry, worker), name="compile")
+
+    async def _compile(self, registry: ModelRegistry, worker: InferenceWorker) -> None:
+        """Build the models' TorchScript forwards (``TRACE_MODELS``) once serving: 0.4–0.7 s of start-up
+        on this project's 2-core machine that readiness no longer waits for; the eager models serve
+        meanwhile, and each compiled forward takes over between two batches once checked and warm."""
+        started = time.monotonic()
+        built = []
+        for served in registry.models:
+            try:
+                if await worker.compile(served, warmup_batch_sizes(self.device, self.settings.max_batch_size)):
+                    built.append(served.name)
+            except Exception:  # the eager model goes on serving
+                logger.exception("building the TorchScript forward of %s failed; it runs eagerly", served.name)
+        if built:
+            logger.info("TorchScript forwards of %s in use, %.2f s after ready", ", ".join(built),
+                        time.monotonic() - started)
 
     def _start_tokenizer(self, registry: ModelRegistry) -> None:
         """Start the tokenizer processes with the text models' encoders, beside the warm-up: in a
@@ -153,10 +171,11 @@ class Service:
     async def stop(self) -> None:
         if self.phase != FAILED:
             self.phase = DRAINING
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loading
+        for task in (self._loading, self._compiling):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.worker is not None:
             await self.worker.stop(self.settings.drain_timeout)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)

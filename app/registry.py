@@ -54,7 +54,7 @@ class ServedModel:
             "classes": list(m.classes), "preprocessing": m.preprocessing, "calibration": m.calibration,
             "metrics": m.metrics, "lineage": m.parent, "data_fingerprint": m.data_fingerprint,
             "code_version": m.code_version, "created_at": m.created_at, "weights_sha256": m.weights_sha256,
-            "device": str(self.device),
+            "device": str(self.device), "runtime": "torchscript" if self.runner.compiled is not None else "eager",
         }
 
 

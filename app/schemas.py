@@ -74,6 +74,8 @@ class ModelInfo(BaseModel):
     created_at: str
     weights_sha256: str
     device: str
+    runtime: str = Field(description="how the model runs: 'torchscript' (one compiled call, TRACE_MODELS on a CPU; "
+                                     "built just after the service turns ready), 'eager' (PyTorch module by module)")
     default: bool = Field(description="whether this is its task's default model")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from app.errors import InvalidInput, ServiceError
 from app.preprocess import prepare_image
 from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
-from app.tracing import script_text_model, trace_image_model
+from app.tracing import Forward, script_text_model, trace_image_model
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
@@ -40,11 +40,30 @@ class TaskRunner(abc.ABC):
     autocast_dtype: torch.dtype | None = None  # set per device and PRECISION in __init__
     source: EncoderSource | None = None  # where tokenizer processes find the model's text encoder, if it reads text
 
-    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto") -> None:
+    def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
+                 compile_model: bool = False) -> None:
         self.manifest = checkpoint.manifest
+        self.model = checkpoint.model
         self.device = device
         use_native = precision == "auto" and (device.type != "cpu" or self.cpu_autocast)
         self.autocast_dtype = native_autocast_dtype(device) if use_native else None
+        # The model's TorchScript forward (see app.tracing), once ``compile`` has built it; until
+        # then, or if it cannot be built, the eager model serves.
+        self.compiled: Forward | None = None
+        self.compile_pending = compile_model
+
+    def compile(self) -> bool:
+        """Build the TorchScript forward, if one was asked for and not yet tried; True if built.
+        Slow (0.1–0.3 s a model), so the service calls it in its inference thread after turning ready."""
+        if not self.compile_pending:
+            return False
+        self.compile_pending = False
+        self.compiled = self._build_compiled()
+        return self.compiled is not None
+
+    def _build_compiled(self) -> Forward | None:
+        """The model as one TorchScript call checked against eager, or None (the default: none)."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
@@ -80,8 +99,13 @@ class ImageRunner(TaskRunner):
     cpu_autocast = True
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
-                 trace: bool = False) -> None:
-        super().__init__(checkpoint, device, precision)
+                 trace: bool = False, slice_size: int = 0) -> None:
+        # see app.tracing: on a CPU the traced forward runs without the GIL. Only architectures that
+        # declare a pure tensor forward are traced: a trace silently drops Python side effects
+        super().__init__(checkpoint, device, precision, trace and getattr(checkpoint.model, "traceable", False))
+        # On a CPU a large batch runs faster in slices: the activations of one slice stay in the
+        # caches (see Settings.cpu_image_slice). 0 = the whole batch in one call.
+        self.slice_size = slice_size
         checkpoint.model.to(memory_format=torch.channels_last)  # what oneDNN and cuDNN convolve fastest
         self.preprocessing = dict(checkpoint.manifest.preprocessing)
         self.size = int(self.preprocessing["size"])
@@ -89,14 +113,12 @@ class ImageRunner(TaskRunner):
         # training normalises uint8 with mean and std given on the 0–1 scale
         self.mean = torch.tensor(self.preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(self.preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
-        self.traced: Callable[[torch.Tensor], torch.Tensor] | None = None
-        # see app.tracing: on a CPU the traced forward runs without the GIL. Only architectures that
-        # declare a pure tensor forward are traced: a trace silently drops Python side effects
-        if trace and getattr(checkpoint.model, "traceable", False):
-            generator = torch.Generator().manual_seed(0)
-            example, check = (self.collate(list(torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8,
-                                                              generator=generator)))["images"] for n in (2, 3))
-            self.traced = trace_image_model(checkpoint.model, example, check, self.autocast_dtype)
+
+    def _build_compiled(self) -> Forward | None:
+        generator = torch.Generator().manual_seed(0)
+        example, check = (self.collate(list(torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8,
+                                                          generator=generator)))["images"] for n in (2, 3))
+        return trace_image_model(self.model, example, check, self.autocast_dtype)
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
         payloads = []
@@ -113,7 +135,11 @@ class ImageRunner(TaskRunner):
         return {"images": images.contiguous(memory_format=torch.channels_last)}
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.traced(batch["images"]) if self.traced is not None else model(**batch)
+        images = batch["images"]
+        run = self.compiled if self.compiled is not None else lambda part: model(images=part)
+        if not self.slice_size or len(images) <= self.slice_size:
+            return run(images)
+        return torch.cat([run(part) for part in images.split(self.slice_size)])
 
     def warmup_payload(self) -> Any:
         return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
@@ -127,16 +153,16 @@ class TextRunner(TaskRunner):
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD, script: bool = False) -> None:
-        super().__init__(checkpoint, device, precision)
+        super().__init__(checkpoint, device, precision, script)
         self.source = EncoderSource(str(checkpoint.directory), self.task)
         self.encoder = load_encoder(self.source, checkpoint.manifest)  # the tokenizer processes load the same
         self.tokenizer = tokenizer
-        self.scripted: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if script:  # see app.tracing: checked on ids of every kind (known, unknown, padding)
-            check = torch.randint(UNK_ID, len(self.encoder.vocabulary), (3, 24),
-                                  generator=torch.Generator().manual_seed(0))
-            check[2, 10:] = PAD_ID
-            self.scripted = script_text_model(checkpoint.model, check.to(device))
+
+    def _build_compiled(self) -> Forward | None:
+        # see app.tracing: checked on ids of every kind (known, unknown, padding)
+        check = torch.randint(UNK_ID, len(self.encoder.vocabulary), (3, 24), generator=torch.Generator().manual_seed(0))
+        check[2, 10:] = PAD_ID
+        return script_text_model(self.model, check.to(self.device))
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
         return self._padded(self.tokenizer.encode(self.source, self.encoder, list(inputs)))
@@ -153,7 +179,7 @@ class TextRunner(TaskRunner):
         return {"token_ids": token_ids.to(self.device, non_blocking=True)}
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.scripted(batch["token_ids"]) if self.scripted is not None else model(**batch)
+        return self.compiled(batch["token_ids"]) if self.compiled is not None else model(**batch)
 
     def warmup_payload(self) -> Any:
         return _warmup_ids(self)
@@ -235,7 +261,8 @@ def _warmup_ids(runner: TextRunner | MultimodalRunner) -> torch.Tensor:
 def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
                   tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
     return ImageRunner(checkpoint, device, settings.max_image_pixels, settings.precision,
-                       trace=settings.trace_models and device.type == "cpu")
+                       trace=settings.trace_models and device.type == "cpu",
+                       slice_size=settings.cpu_image_slice if device.type == "cpu" else 0)
 
 
 def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,

@@ -256,6 +256,15 @@ class InferenceWorker:
             logits = served.runner.forward(served.model, batch)  # (B, classes)
             return torch.softmax(logits.float() / served.temperature, dim=-1).cpu()  # (B, classes)
 
+    async def compile(self, served: ServedModel, batch_sizes: Sequence[int]) -> bool:
+        """Build ``served``'s TorchScript forward in the inference thread, between batches, and warm
+        it up; True if one was built (see ``TaskRunner.compile``)."""
+        loop = asyncio.get_running_loop()
+        built: bool = await loop.run_in_executor(self._executor, served.runner.compile)
+        if built:
+            await self.warm_up(served, batch_sizes)
+        return built
+
     async def warm_up(self, served: ServedModel, batch_sizes: Sequence[int]) -> None:
         """Run example batches through ``served`` in the inference thread (first calls are slow)."""
         payload = served.runner.warmup_payload()

@@ -38,6 +38,7 @@ def measure_limit(checkpoint_dir: Path, samples: list[bytes] | list[str], batch_
     torch_device = settings.torch_device()
     checkpoint = load_checkpoint(checkpoint_dir, torch_device)
     runner = RUNNERS[checkpoint.manifest.task](checkpoint, torch_device, settings)
+    runner.compile()  # the TorchScript forward the service builds once ready (TRACE_MODELS)
     served = ServedModel(checkpoint.manifest.name, checkpoint.manifest, checkpoint.model, runner, checkpoint_dir,
                          torch_device)
     worker = InferenceWorker(torch_device, max(batch_sizes), 0, 1)

@@ -70,3 +70,28 @@ def test_warm_up_runs_the_largest_batch_only_on_a_gpu() -> None:
     assert warmup_batch_sizes(torch.device("cpu"), 32) == [1, 2]
     assert warmup_batch_sizes(torch.device("cpu"), 1) == [1]
     assert warmup_batch_sizes(torch.device("cuda"), 32) == [1, 32]
+
+
+def test_models_turn_torchscript_after_ready_with_the_same_answers(
+        start_server, model_dir: Path, jpegs: list[bytes]) -> None:
+    """Readiness does not wait for the traces (TRACE_MODELS): the eager model answers first, then the
+    checked TorchScript forward takes over, with the same probabilities."""
+    server = start_server({"MODEL_DIR": str(model_dir), "TOKENIZER_PROCESSES": "0"})
+    server.wait_ready()
+
+    def classify() -> dict[str, float]:
+        response = httpx.post(server.url + "/v1/image/classify", params={"model": "tiny-fastconv"},
+                              files=[("file", ("a.jpg", jpegs[0], "image/jpeg"))])
+        assert response.status_code == 200, response.text
+        return response.json()["predictions"][0]["probabilities"]
+
+    first = classify()
+    until = time.monotonic() + 60
+    while (runtime := httpx.get(server.url + "/v1/models/tiny-fastconv").json()["runtime"]) != "torchscript":
+        assert time.monotonic() < until, f"still {runtime}"
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/v1/models/tiny-lenet").json()["runtime"] == "torchscript"
+    assert httpx.get(server.url + "/v1/models/tiny-text").json()["runtime"] == "eager"  # a trunk: not scriptable
+    assert classify() == pytest.approx(first, abs=1e-5)
+    logs = server.logs()
+    assert logs.index("ready after") < logs.index("TorchScript forwards of tiny-fastconv, tiny-lenet in use")
