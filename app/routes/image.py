@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Request, Response, UploadFile
+from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from app.errors import InvalidInput
 from app.routes.deps import (
@@ -14,11 +14,10 @@ from app.routes.deps import (
     check_item_count,
     classify,
     error_responses,
-    require_api_key,
 )
 from app.schemas import ClassifyResponse
 
-router = APIRouter(prefix="/v1/image", tags=["classify"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/image", tags=["classify"])
 
 _FILES_HELP = "images (JPEG, PNG, WebP, BMP or GIF; any size and mode), answered in order"
 

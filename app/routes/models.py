@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Path
 
 from app.registry import ServedModel
-from app.routes.deps import ServiceDep, error_responses, require_api_key
+from app.routes.deps import ServiceDep, error_responses
 from app.schemas import ModelInfo, ModelList
 
-router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _info(served: ServedModel, defaults: dict[str, str]) -> ModelInfo:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from starlette.datastructures import UploadFile as FormFile
 
 from app.errors import InvalidInput
@@ -27,12 +27,11 @@ from app.routes.deps import (
     check_item_count,
     classify,
     error_responses,
-    require_api_key,
 )
 from app.schemas import ClassifyResponse
 from app.tasks import Pair
 
-router = APIRouter(prefix="/v1/multimodal", tags=["classify"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/multimodal", tags=["classify"])
 
 _DESCRIPTION = """\
 Classify image + text pairs (a photo and the post that came with it, say): one calibrated distribution per pair.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 
 from app.errors import InvalidInput
 from app.routes.deps import (
@@ -12,11 +12,10 @@ from app.routes.deps import (
     check_item_count,
     classify,
     error_responses,
-    require_api_key,
 )
 from app.schemas import ClassifyResponse, TextClassifyRequest
 
-router = APIRouter(prefix="/v1/text", tags=["classify"], dependencies=[Depends(require_api_key)])
+router = APIRouter(prefix="/v1/text", tags=["classify"])
 
 
 @router.post(

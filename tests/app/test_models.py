@@ -85,8 +85,15 @@ def test_docs_offer_file_upload_and_examples(main_server) -> None:
     text_schema = schema["components"]["schemas"]["TextClassifyRequest"]
     assert text_schema["examples"]
     assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
+    assert schema["paths"]["/v1/text/classify"]["post"]["security"]  # with API_KEYS set, /v1 asks for a key
 
 
 def test_unknown_path_is_a_json_404(client: httpx.Client) -> None:
     response = client.get("/v2/nothing")
     assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+
+
+def test_without_api_keys_the_openapi_document_asks_for_none(probe: httpx.Client) -> None:
+    schema = probe.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert all("security" not in operation for path in schema["paths"].values() for operation in path.values())
