@@ -103,17 +103,22 @@ class Service:
         self.ready_after_s = time.monotonic() - self.started_at
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
                     ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
-        self._compiling = asyncio.get_running_loop().create_task(self._compile(registry, worker), name="compile")
+        if self.phase == READY:
+            self._compiling = asyncio.get_running_loop().create_task(self._compile(registry, worker), name="compile")
 
     async def _compile(self, registry: ModelRegistry, worker: InferenceWorker) -> None:
         """Build the models' TorchScript forwards (``TRACE_MODELS``) once serving: 0.4–0.7 s of start-up
         on this project's 2-core machine that readiness no longer waits for; the eager models serve
-        meanwhile, and each compiled forward takes over between two batches once checked and warm."""
+        meanwhile, and each compiled forward takes over between two batches once checked and warm.
+        A drain stops it: the requests being finished need the cores more."""
         started = time.monotonic()
+        sizes = warmup_batch_sizes(self.device, self.settings.max_batch_size) if self.settings.warmup else []
         built = []
         for served in registry.models:
+            if self.phase != READY:
+                return
             try:
-                if await worker.compile(served, warmup_batch_sizes(self.device, self.settings.max_batch_size)):
+                if await worker.compile(served, sizes):
                     built.append(served.name)
             except Exception:  # the eager model goes on serving
                 logger.exception("building the TorchScript forward of %s failed; it runs eagerly", served.name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -74,8 +74,9 @@ class ModelInfo(BaseModel):
     created_at: str
     weights_sha256: str
     device: str
-    runtime: str = Field(description="how the model runs: 'torchscript' (one compiled call, TRACE_MODELS on a CPU; "
-                                     "built just after the service turns ready), 'eager' (PyTorch module by module)")
+    runtime: Literal["torchscript", "eager"] = Field(
+        description="how the model runs: 'torchscript' (one compiled call, TRACE_MODELS on a CPU; built just after "
+                    "the service turns ready), 'eager' (PyTorch module by module)")
     default: bool = Field(description="whether this is its task's default model")
 
 

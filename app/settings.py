@@ -35,8 +35,8 @@ class Settings(BaseSettings):
                                     "bf16 (AVX-512 BF16, AMX); fp32: full precision everywhere")
     trace_models: bool = Field(
         default=True, description="run models as TorchScript on a CPU (image models traced, the n-gram text model "
-                                  "scripted; checked equal to eager at load): one call that releases the GIL, so "
-                                  "request handling no longer stalls it")
+                                  "scripted; checked equal to eager when built, just after the service turns "
+                                  "ready): one call that releases the GIL, so request handling no longer stalls it")
     cpu_image_slice: int = Field(
         default=16, ge=0, le=4096, description="on a CPU, a batch of images goes through the model in slices of at "
                                                "most this many (0: whole batches): larger slices overflow the CPU's "

@@ -39,6 +39,10 @@ class TaskRunner(abc.ABC):
     cpu_autocast: ClassVar[bool] = False
     autocast_dtype: torch.dtype | None = None  # set per device and PRECISION in __init__
     source: EncoderSource | None = None  # where tokenizer processes find the model's text encoder, if it reads text
+    # The model's TorchScript forward (see app.tracing) once it is built and in use; until then, or
+    # if it cannot be built, the eager model serves.
+    compiled: Forward | None = None
+    compile_pending: bool = False  # asked for (TRACE_MODELS on a CPU) and not yet tried
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  compile_model: bool = False) -> None:
@@ -47,19 +51,22 @@ class TaskRunner(abc.ABC):
         self.device = device
         use_native = precision == "auto" and (device.type != "cpu" or self.cpu_autocast)
         self.autocast_dtype = native_autocast_dtype(device) if use_native else None
-        # The model's TorchScript forward (see app.tracing), once ``compile`` has built it; until
-        # then, or if it cannot be built, the eager model serves.
-        self.compiled: Forward | None = None
         self.compile_pending = compile_model
 
-    def compile(self) -> bool:
-        """Build the TorchScript forward, if one was asked for and not yet tried; True if built.
-        Slow (0.1–0.3 s a model), so the service calls it in its inference thread after turning ready."""
+    def build_compiled(self) -> Forward | None:
+        """The TorchScript forward, checked against eager, if one was asked for and not yet tried;
+        not put in use (see ``InferenceWorker.compile``). Slow: 0.1–0.3 s a model on a CPU."""
         if not self.compile_pending:
-            return False
+            return None
         self.compile_pending = False
-        self.compiled = self._build_compiled()
-        return self.compiled is not None
+        return self._build_compiled()
+
+    def compile(self) -> bool:
+        """Build the TorchScript forward and use it from now on; True if one was built."""
+        compiled = self.build_compiled()
+        if compiled is not None:
+            self.compiled = compiled
+        return compiled is not None
 
     def _build_compiled(self) -> Forward | None:
         """The model as one TorchScript call checked against eager, or None (the default: none)."""
@@ -139,7 +146,8 @@ class ImageRunner(TaskRunner):
         run = self.compiled if self.compiled is not None else lambda part: model(images=part)
         if not self.slice_size or len(images) <= self.slice_size:
             return run(images)
-        return torch.cat([run(part) for part in images.split(self.slice_size)])
+        slices = -(-len(images) // self.slice_size)  # as few as the limit allows, near-equal: 17 → 9 + 8
+        return torch.cat([run(part) for part in images.tensor_split(slices)])
 
     def warmup_payload(self) -> Any:
         return torch.zeros(3, self.size, self.size, dtype=torch.uint8)

@@ -257,13 +257,27 @@ class InferenceWorker:
             return torch.softmax(logits.float() / served.temperature, dim=-1).cpu()  # (B, classes)
 
     async def compile(self, served: ServedModel, batch_sizes: Sequence[int]) -> bool:
-        """Build ``served``'s TorchScript forward in the inference thread, between batches, and warm
-        it up; True if one was built (see ``TaskRunner.compile``)."""
-        loop = asyncio.get_running_loop()
-        built: bool = await loop.run_in_executor(self._executor, served.runner.compile)
-        if built:
-            await self.warm_up(served, batch_sizes)
+        """Build ``served``'s TorchScript forward, warm it up on ``batch_sizes`` and put it in use,
+        all in one job of the inference thread: no batch sees it cold or half-built, and one that
+        fails its warm-up is never used. True if it is in use (see ``TaskRunner.build_compiled``)."""
+        built: bool = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._compile, served, batch_sizes)
         return built
+
+    def _compile(self, served: ServedModel, batch_sizes: Sequence[int]) -> bool:
+        runner = served.runner
+        compiled = runner.build_compiled()
+        if compiled is None:
+            return False
+        eager, runner.compiled = runner.compiled, compiled  # in this thread, batches run one at a time
+        try:
+            payload = runner.warmup_payload()
+            for size in batch_sizes:
+                self.compute(served, [payload] * size, record=False)
+        except BaseException:
+            runner.compiled = eager
+            raise
+        return True
 
     async def warm_up(self, served: ServedModel, batch_sizes: Sequence[int]) -> None:
         """Run example batches through ``served`` in the inference thread (first calls are slow)."""

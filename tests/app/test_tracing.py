@@ -99,7 +99,7 @@ def test_a_cpu_batch_of_images_runs_in_slices_with_the_outputs_of_one_call() -> 
         expected = whole.forward(checkpoint.model, batch)
         got = sliced.forward(checkpoint.model, batch)
     handle.remove()
-    assert calls == [10, 4, 4, 2]
+    assert calls == [10, 4, 3, 3]  # three near-equal slices of at most 4
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -97,3 +97,47 @@ def test_worker_survives_an_item_cancelled_past_its_deadline_while_its_batch_for
 
     rows = asyncio.run(scenario())
     torch.testing.assert_close(rows[0], torch.tensor([0.5, 0.5]))
+
+
+class _CompilingRunner(_Runner):
+    """Offers a 'compiled' forward (doubling), which fails on batches larger than ``works_up_to``."""
+
+    def __init__(self, works_up_to: int) -> None:
+        self.compile_pending = True
+        self.works_up_to = works_up_to
+
+    def _build_compiled(self) -> Any:
+        def doubled(x: torch.Tensor) -> torch.Tensor:
+            if len(x) > self.works_up_to:
+                raise RuntimeError("the compiled forward broke")
+            return 2 * x
+        return doubled
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.compiled(batch["x"]) if self.compiled is not None else model(**batch)
+
+
+def test_a_compiled_forward_is_used_only_once_it_has_run_its_warm_up() -> None:
+    async def scenario() -> None:
+        worker = InferenceWorker(torch.device("cpu"), 4, 0, 10)
+        worker.start()
+        try:
+            for works_up_to, in_use in ((2, True), (1, False)):  # the warm-up runs batches of 1 and 2
+                served = ServedModel("m", _served(_Identity()).manifest, _Identity(), _CompilingRunner(works_up_to),
+                                     Path("."), torch.device("cpu"))
+                if in_use:
+                    assert await worker.compile(served, [1, 2])
+                else:
+                    with pytest.raises(RuntimeError, match="broke"):
+                        await worker.compile(served, [1, 2])
+                assert (served.runner.compiled is not None) == in_use
+                assert served.describe()["runtime"] == ("torchscript" if in_use else "eager")
+                assert not await worker.compile(served, [1, 2])  # tried once only
+                logits = torch.tensor([[0.0, 1.0]])
+                got = await worker.submit(served, [logits[0]], asyncio.get_running_loop().time() + 5)
+                expected = torch.softmax((2 if in_use else 1) * logits, dim=-1)[0]
+                torch.testing.assert_close(got[0], expected)
+        finally:
+            await worker.stop(1)
+
+    asyncio.run(scenario())
