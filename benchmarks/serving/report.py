@@ -23,7 +23,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         f"{results['started']} · tool: {results['tool']} · {results['duration_s']:g} s per level and round, "
         f"{rounds} interleaved rounds (servers in turn, the idle ones paused) · one {item[:-1]} per "
         f"request · MAX_BATCH_SIZE={results['max_batch_size']}, MAX_WAIT_MS={results['max_wait_ms']:g} · "
-        f"{results['machine']['platform']}" + (f" · {results['machine']['cpu']}" if results["machine"].get("cpu") else ""), "",
+        f"{results['machine']['platform']}" + (f" · {results['machine']['cpu']}" if results["machine"].get("cpu") else "")
+        + (f" · GPU: {results['machine']['gpu']}" if results["machine"].get("gpu") else ""), "",
         "Medians over the rounds; req/s of each round in the last column.", "",
         "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | rounds (req/s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",

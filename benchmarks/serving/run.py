@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from app.settings import Settings
@@ -199,7 +201,7 @@ def bench_servers(servers: dict[str, ServerProcess], payloads: dict[str, Payload
 
 def start_ours(name: str, args: argparse.Namespace, log_dir: Path, extra_env: dict[str, str]) -> ServerProcess:
     port = free_port()
-    env = {"MODEL_DIR": str(args.model_dir), "API_KEYS": args.api_key, **extra_env}
+    env = {"MODEL_DIR": str(args.model_dir), "API_KEYS": args.api_key, "DEVICE": args.device, **extra_env}
     if args.model:
         env[f"DEFAULT_{args.task.upper()}_MODEL"] = args.model
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=30, help="seconds of load per level and round")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every level per server, interleaved")
     parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
+    parser.add_argument("--device", default="auto", help="DEVICE of our servers and the in-process limit "
+                                                         "(auto: CUDA when present; LitServe picks its own)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64,128", help="for the in-process limit")
@@ -255,14 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, Any] = {
             "task": args.task, "model": name, "model_dir": str(args.model_dir), "tool": tool, "duration_s": args.duration,
             "levels": args.levels, "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
-            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model()},
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model(),
+                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rounds": args.rounds, "servers": {},
         }
         from benchmarks.serving.inprocess import measure_limit
 
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         inputs: Any = samples if args.task == "image" else [sample.decode() for sample in samples]
-        results["in_process"] = measure_limit(checkpoint, inputs, sizes, min(3.0, args.duration))
+        results["in_process"] = measure_limit(checkpoint, inputs, sizes, min(3.0, args.duration), args.device)
         logger.info("in-process limit: %.0f items/s at batch %d", results["in_process"]["best_items_per_s"],
                     results["in_process"]["best_batch_size"])
         path = f"/v1/{args.task}/classify"
