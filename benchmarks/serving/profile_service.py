@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=12, help="functions listed per thread")
     parser.add_argument("--tool", choices=["auto", "wrk", "locust"], default="auto")
+    parser.add_argument("--device", default="auto", help="DEVICE of the server (auto: CUDA when present)")
     parser.add_argument("--output", type=Path, default=HERE / "profile")
     args = parser.parse_args(argv)
     args.api_key = ""  # start_ours and drive read it: the profiled server runs without API keys
