@@ -31,8 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.include_router(health.router)  # health, readiness and metrics stay open
     # The API-key check guards /v1 only when keys are set: FastAPI resolves a dependency and its
-    # security schemes on every request, even to let it through (6% of the event loop's time under
-    # load), and without keys the OpenAPI document then truthfully asks for none.
+    # security schemes on every request, even to let it through (text at 64 clients without it:
+    # 376–503 against 362–462 req/s, interleaved), and without keys the OpenAPI document asks for none.
     guard = [Depends(require_api_key)] if settings.api_key_set else []
     for router in (models.router, image.router, text.router, multimodal.router):
         app.include_router(router, dependencies=guard)
