@@ -62,6 +62,16 @@ def check_item_count(count: int, service: Service, what: str) -> None:
         raise InvalidInput(f"too many {what}: {count} (at most {limit} per request, MAX_ITEMS_PER_REQUEST)")
 
 
+def check_unicode(text: str, name: str) -> None:
+    """422 for a lone surrogate: JSON lets a client escape one (``"\\ud800"``), and no tokenizer can
+    encode it (spaCy raised UnicodeEncodeError: a 500 before this check)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInput(f"{name} is not valid Unicode: a lone surrogate (U+{ord(text[error.start]):04X}) at "
+                           f"character {error.start}") from None
+
+
 async def classify(
     request: Request, service: Service, served: ServedModel, inputs: Sequence[Any], names: Sequence[str], top_k: int
 ) -> Response:

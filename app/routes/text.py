@@ -10,6 +10,7 @@ from app.routes.deps import (
     ServiceDep,
     TopKQuery,
     check_item_count,
+    check_unicode,
     classify,
     error_responses,
 )
@@ -40,5 +41,6 @@ async def classify_texts(
         if len(text) > limit:
             raise InvalidInput(f"text {index} has {len(text):,} characters; at most {limit:,} are accepted "
                                "(MAX_TEXT_CHARS)")
+        check_unicode(text, f"text {index}")
     names = [f"text {index}" for index in range(len(texts))]
     return await classify(request, service, served, texts, names, top_k)

@@ -72,6 +72,15 @@ def test_classify_rejects_invalid_text_requests(client: httpx.Client, body: dict
     assert response.json()["detail"] == message
 
 
+def test_classify_rejects_a_lone_surrogate(client: httpx.Client) -> None:
+    """JSON may escape half a surrogate pair (a client that cut an emoji in two): 422, not a tokenizer crash."""
+    body = b'{"texts": ["fine", "half an emoji \\ud83d"]}'
+    response = client.post("/v1/text/classify", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"] == "text 1 is not valid Unicode: a lone surrogate (U+D83D) at character 14"
+    assert client.post("/v1/text/classify", json={"text": "hockey"}).status_code == 200  # and it goes on serving
+
+
 def test_classify_rejects_malformed_json(client: httpx.Client) -> None:
     response = client.post("/v1/text/classify", content=b'{"texts": ["unterminated', headers={"Content-Type":
                                                                                               "application/json"})

@@ -166,3 +166,10 @@ def test_children_load_their_encoders_before_they_answer(model_dir: Path, tmp_pa
         assert _same(broken.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))
     finally:
         broken.shutdown()
+
+
+def test_odd_texts_reach_the_child_intact(pool: TokenizerPool, model_dir: Path) -> None:
+    source = EncoderSource(str(model_dir / "tiny-text"), "text")
+    encoder = load_encoder(source)
+    odd = ["nul\x00byte", "emoji 😀 and ünïcödé", '"quoted" \\ backslash', "\u2028line separator\u2029"]
+    assert _same(pool.encode(source, encoder, odd), encode_ids(encoder, odd))
