@@ -26,7 +26,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         modality_dropout=args.modality_dropout, class_weighting=args.class_weighting, lexicon=args.lexicon,
         text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
-        device=args.device, name=args.name, limit=args.limit,
+        device=args.device, name=args.name, limit=args.limit, refit_full=args.refit_full,
         command=args.command_line,
     ))
 
@@ -74,6 +74,9 @@ def add_commands(commands: Any) -> None:
     finetune.add_argument("--device", default="auto")
     finetune.add_argument("--name")
     finetune.add_argument("--limit", type=int, help="train on only this many pairs (quick checks)")
+    finetune.add_argument("--refit-full", action="store_true",
+                          help="late: validate and calibrate on the split, then fit the same recipe again on every "
+                               "pair and ship that model (with the split run's temperature and metrics)")
     finetune.set_defaults(handler=_finetune)
 
     study = commands.add_parser("fusion-study", help="image / text / late / joint, transferred vs scratch, 3 seeds")

@@ -60,6 +60,9 @@ class FusionOptions:
     device: str = "auto"
     name: str | None = None
     limit: int | None = None
+    # late: after validating and calibrating on the split, fit everything again on every pair (the split's
+    # validation pairs join the training rows; they stay in ``val_idx`` only for the code paths that need rows)
+    refit_full: bool = False
     command: str = ""
 
 
@@ -125,6 +128,8 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
     if options.limit:
         order = torch.randperm(len(train_idx), generator=seeded_generator(SPLIT_SEED))
         train_idx = train_idx[order[: options.limit]].sort().values
+    if options.refit_full:
+        train_idx = torch.cat([train_idx, val_idx]).sort().values
     parent_pre = text_parent.encoder.preprocessing if text_parent is not None else None
     preprocessing = tweet_preprocessing(parent_pre, options.bag.max_tokens)
     if token_lists is None:

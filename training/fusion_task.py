@@ -3,7 +3,8 @@
 Late fusion (``training.fusion_late``, the default) or joint fusion (``training.fusion_joint``),
 prepared by ``training.fusion_prep``; then temperature-calibrated on the validation split and
 written with a manifest naming both parents, the metrics of each modality alone and together, and
-a TF-IDF + linear SVM reference on the same split.
+a TF-IDF + linear SVM reference on the same split. With ``refit_full`` (late fusion) the recipe is
+then fitted again on every pair, and that model ships with the split run's temperature and metrics.
 """
 
 from __future__ import annotations
@@ -68,9 +69,12 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
     """``finetune-fusion``: prepare, train, calibrate, write the checkpoint; returns a summary."""
     if options.output is None:
         raise ValueError("finetune-fusion needs --output")
+    if options.refit_full and options.arch != "late":
+        raise ValueError("--refit-full is for late fusion: joint fusion has no cheap second fit")
     device = pick_device(options.device)
-    prep = prepare(options)
+    prep = prepare(dataclasses.replace(options, refit_full=False))
     model: nn.Module
+    shipped = prep  # what the written model was fitted on: the split, or every pair after a refit
     if options.arch == "late":
         encoded = build_late(prep, options, options.seed)
         history, logits = train_late_head(encoded, prep, options, options.seed, torch.device("cpu"))
@@ -81,6 +85,15 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         val_logits = predict_logits(model, batches, torch.device("cpu"), "fp32")[0]
         if not torch.allclose(val_logits, logits["fused"], atol=1e-3, rtol=1e-3):
             raise RuntimeError("internal error: the late model's forward disagrees with its cached features")
+        if options.refit_full:
+            # the split run above gave the validation metrics and the temperature; the same recipe and
+            # seed now fit the vocabulary, both scorers and the head on every pair, and that model ships
+            shipped = prepare(options, prep.image_parent, prep.text_parent, data=prep.data, token_lists=prep.token_lists)
+            refit = build_late(shipped, options, options.seed)
+            train_late_head(refit, shipped, options, options.seed, torch.device("cpu"))
+            model, copied = refit.model, refit.copied
+            logger.info("refit on all %d pairs; validation metrics and temperature are the split run's",
+                        len(shipped.train_idx))
     else:
         joint, copied = build_joint(prep, options.seed)
         history, logits = train_joint(joint, prep, options, options.seed, device)
@@ -88,22 +101,27 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
     val_labels = prep.data.labels[prep.val_idx]
     manifest = new_manifest(
         options.name or options.output.name, "multimodal", ARCHITECTURES[options.arch], model.config,  # type: ignore[arg-type]
-        classes=prep.data.classes, preprocessing=preprocessing_dict(prep), data_fingerprint=prep.data.fingerprint,
-        parent=parents(prep, copied), training_command=options.command,
+        classes=prep.data.classes, preprocessing=preprocessing_dict(shipped), data_fingerprint=prep.data.fingerprint,
+        parent=parents(shipped, copied), training_command=options.command,
     )
     extra = {
         "by_modality": metrics_by_modality(logits, val_labels, prep.data.classes),
         "reference_tfidf_svm": tfidf_svm_reference(prep),
         "majority_accuracy": float(torch.bincount(val_labels).max() / len(val_labels)),
-        "train_pairs": len(prep.train_idx), "validation_pairs": len(prep.val_idx), "split_seed": SPLIT_SEED,
+        "train_pairs": len(shipped.train_idx), "validation_pairs": len(prep.val_idx), "split_seed": SPLIT_SEED,
         "modalities": list(options.modalities), "image_size": prep.image_size,
         "modality_dropout": options.modality_dropout,
         "class_weighting": options.class_weighting or RECIPES[options.arch]["class_weighting"],
         "bag": dataclasses.asdict(options.bag), "text_scorer": dataclasses.asdict(options.text_scorer),
         "image_scorer": dataclasses.asdict(options.image_scorer), "batch_size": options.batch_size,
     }
+    if options.refit_full:
+        extra["refit_full"] = True
+        extra["note"] = (f"measured on the {len(prep.val_idx)} validation pairs by the same recipe and seed fitted on the "
+                         f"other {len(prep.train_idx)} (whose temperature this model uses), before the refit on all "
+                         f"{len(shipped.train_idx)} pairs; the shipped model has no held-out pairs of its own")
     summary = finish_checkpoint(options.output, model, manifest, logits["fused"], val_labels, history,
-                                extra_files={prep.preprocessing.vocab_file: prep.vocabulary.to_json_bytes()},
+                                extra_files={shipped.preprocessing.vocab_file: shipped.vocabulary.to_json_bytes()},
                                 extra_metrics=extra)
     summary["by_modality"] = extra["by_modality"]
     summary["reference_tfidf_svm"] = extra["reference_tfidf_svm"]

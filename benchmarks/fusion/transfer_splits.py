@@ -4,15 +4,20 @@
 is within what the choice of split moves. This reruns the late-fusion recipe, one seed, on several
 other stratified 20% splits with each side transferred or from scratch (``T``: CIFAR-10 image
 encoder + 20 Newsgroups vocabulary and topic model, as shipped; ``S``: neither; and the two mixes),
-and scores the fused answers and the same model's answers with the images left out. Writes a
-markdown table; held-out pairs are never touched.
+and scores the fused answers and the same model's answers with the images left out. With
+``--limits`` each variant also trains on a seeded random N of its training pairs (a learning
+curve: what a refit on every pair may still gain). Writes a markdown table; held-out pairs are
+never touched.
 
     python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --splits 11,12,13,14,15
+    python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --variants T \
+        --limits 1280,1920,all --output benchmarks/results/fusion_learning_curve.md
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import sys
@@ -39,31 +44,36 @@ LEGEND = ("T: the CIFAR-10 image encoder and the 20 Newsgroups vocabulary and to
           "the same model answering with every image absent.")
 
 
-def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], variants: list[str]) -> dict[str, Any]:
+def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], variants: list[str],
+        limits: list[int | None]) -> dict[str, Any]:
     image_parent = load_image_parent(image_from, ("fastconv",))
     text_parent = load_text_parent(text_from)
     data = load_pairs(data_dir, LATE_IMAGE_SIZE)
     options = FusionOptions(data=data_dir, arch="late", image_size=LATE_IMAGE_SIZE)
     tokens: dict[str, list[list[str]]] = {}
-    results: dict[str, list[dict[str, tuple[float, float]]]] = {name: [] for name in variants}
+    runs = [(name, limit) for name in variants for limit in limits]
+    label = {run: run[0] if len(limits) == 1 else f"{run[0]}, {run[1] or 'all'} pairs" for run in runs}
+    results: dict[str, list[dict[str, tuple[float, float]]]] = {label[run]: [] for run in runs}
     for split in splits:
         fusion_prep.SPLIT_SEED = split  # prepare() draws its validation split from this seed
-        for name in variants:
+        for name, limit in runs:
             use_image, use_text = VARIANTS[name]
             text = text_parent if use_text else None
             preprocessing = tweet_preprocessing(text.encoder.preprocessing if text else None, options.bag.max_tokens)
             key = preprocessing.cache_key()
             if key not in tokens:
                 tokens[key] = tokenize(data.texts, preprocessing)
-            prep = prepare(options, image_parent if use_image else None, text, data=data, token_lists=tokens[key])
-            _, logits = train_late_head(build_late(prep, options, 0), prep, options, 0, torch.device("cpu"))
+            limited = dataclasses.replace(options, limit=limit)
+            prep = prepare(limited, image_parent if use_image else None, text, data=data, token_lists=tokens[key])
+            _, logits = train_late_head(build_late(prep, limited, 0), prep, limited, 0, torch.device("cpu"))
             labels = prep.data.labels[prep.val_idx]
             scores = {}
             for answer, values in logits.items():
                 metrics = classification_metrics(values, labels, prep.data.classes)
                 scores[answer] = (float(metrics["accuracy"]), float(metrics["macro_f1"]))
-            results[name].append(scores)
-            print(f"split {split} {name}: fused {scores['fused'][0]:.4f} / {scores['fused'][1]:.3f}", flush=True)
+            results[label[name, limit]].append(scores)
+            print(f"split {split} {label[name, limit]}: fused {scores['fused'][0]:.4f} / {scores['fused'][1]:.3f}",
+                  flush=True)
     return {"splits": splits, "results": results}
 
 
@@ -89,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-from", type=Path, default=ROOT / "checkpoints" / "20news-text")
     parser.add_argument("--splits", default="11,12,13,14,15")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--limits", default="all", help="training pairs per run, comma-separated ('all': every one)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_transfer_splits.md")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
@@ -96,9 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
-    report = run(args.data, args.image_from, args.text_from, [int(s) for s in args.splits.split(",")], variants)
+    limits = [None if limit == "all" else int(limit) for limit in args.limits.split(",")]
+    report = run(args.data, args.image_from, args.text_from, [int(s) for s in args.splits.split(",")], variants, limits)
     header = ("# Late fusion, transferred vs scratch encoders, on other validation splits\n\n"
-              f"`python benchmarks/fusion/transfer_splits.py --splits {args.splits}`\n\n{LEGEND}\n\n")
+              f"`python benchmarks/fusion/transfer_splits.py --splits {args.splits} --variants {args.variants} "
+              f"--limits {args.limits}`\n\n{LEGEND}\n\n")
     args.output.write_text(header + table(report))
     print(table(report))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.checkpoint import load_checkpoint
@@ -47,6 +48,38 @@ def test_late_fusion_beats_the_majority_class_and_writes_a_servable_checkpoint(
     with torch.no_grad():
         probabilities = (loaded.model(**batch) / manifest.temperature).softmax(dim=1)
     assert probabilities.shape == (3, 3) and torch.allclose(probabilities.sum(dim=1), torch.ones(3))
+
+
+def test_a_full_refit_learns_from_the_validation_pairs_and_keeps_the_split_runs_calibration(
+    pairs_subset: Path, fastconv_checkpoint: Path, ngram_text_checkpoint: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from models.text_encoding import Vocabulary
+    from training.fusion_prep import SPLIT_SEED
+    from training.image_data import stratified_split
+
+    common = ["--data", str(pairs_subset), "--image-from", str(fastconv_checkpoint), "--text-from",
+              str(ngram_text_checkpoint), "--epochs", "3", "--folds", "2"]
+    assert main(["finetune-fusion", "--output", str(tmp_path / "split"), *common]) == 0
+    assert main(["finetune-fusion", "--output", str(tmp_path / "refit"), "--refit-full", *common]) == 0
+    split, refit = load_checkpoint(tmp_path / "split").manifest, load_checkpoint(tmp_path / "refit").manifest
+    assert refit.metrics["validation"]["refit_full"] is True and "before the refit on all 600" in refit.metrics[
+        "validation"]["note"]
+    assert (refit.metrics["validation"]["train_pairs"], split.metrics["validation"]["train_pairs"]) == (600, 480)
+    # the validation numbers and the temperature are the split run's (same recipe, same seed)
+    assert refit.temperature == split.temperature
+    assert refit.metrics["validation"]["accuracy"] == split.metrics["validation"]["accuracy"]
+    # ... but the shipped vocabulary (hence the bag and the head) learnt from the validation pairs too
+    data = load_pairs(pairs_subset, 32, cache_dir=None)
+    _, val_idx = stratified_split(data.labels, 0.2, SPLIT_SEED)
+    vocabularies = [Vocabulary.from_json_bytes((tmp_path / name / "vocab.json").read_bytes()) for name in ("split", "refit")]
+    only_in_refit = set(vocabularies[1].itos) - set(vocabularies[0].itos)
+    assert only_in_refit and len(vocabularies[1]) > len(vocabularies[0])
+    val_words = {word.lower() for index in val_idx.tolist() for word in (data.texts[index] or "").split()}
+    assert any(token in val_words for token in only_in_refit)
+    assert main(["finetune-fusion", "--output", str(tmp_path / "joint"), "--arch", "joint", "--refit-full",
+                 "--data", str(pairs_subset), "--epochs", "1", "--limit", "100"]) != 0
+    assert "--refit-full is for late fusion" in capsys.readouterr().err
 
 
 def test_joint_fusion_trains_through_the_shared_trunk(pairs_subset: Path, trunk_checkpoint: Path, tmp_path: Path) -> None:
