@@ -44,6 +44,7 @@ class FusionOptions:
     modalities: tuple[str, ...] = MODALITIES  # train and evaluate with only these (study arms)
     image_size: int | None = None  # default: late LATE_IMAGE_SIZE, joint the trunk's size
     validation_fraction: float = 0.2
+    split_seed: int = SPLIT_SEED  # which stratified validation split (benchmarks try others)
     seed: int = 0
     epochs: int | None = None
     lr: float | None = None
@@ -124,9 +125,9 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
         data = load_pairs(options.data, image_size)
     elif tuple(data.images.shape[2:]) != (image_size, image_size):
         raise ValueError(f"the reused data has {tuple(data.images.shape[2:])} images, this run needs {image_size}")
-    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, SPLIT_SEED)
+    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.split_seed)
     if options.limit:
-        order = torch.randperm(len(train_idx), generator=seeded_generator(SPLIT_SEED))
+        order = torch.randperm(len(train_idx), generator=seeded_generator(options.split_seed))
         train_idx = train_idx[order[: options.limit]].sort().values
     if options.refit_full:
         train_idx = torch.cat([train_idx, val_idx]).sort().values

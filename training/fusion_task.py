@@ -20,7 +20,7 @@ from models.checkpoint import new_manifest
 from training.common import finish_checkpoint, pick_device
 from training.fusion_joint import build_joint, joint_eval_batches, train_joint
 from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import ARCHITECTURES, RECIPES, SPLIT_SEED, FusionOptions, Prepared, metrics_by_modality, prepare
+from training.fusion_prep import ARCHITECTURES, RECIPES, FusionOptions, Prepared, metrics_by_modality, prepare
 from training.loop import predict_logits
 from training.metrics import classification_metrics
 
@@ -108,7 +108,7 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         "by_modality": metrics_by_modality(logits, val_labels, prep.data.classes),
         "reference_tfidf_svm": tfidf_svm_reference(prep),
         "majority_accuracy": float(torch.bincount(val_labels).max() / len(val_labels)),
-        "train_pairs": len(shipped.train_idx), "validation_pairs": len(prep.val_idx), "split_seed": SPLIT_SEED,
+        "train_pairs": len(shipped.train_idx), "validation_pairs": len(prep.val_idx), "split_seed": options.split_seed,
         "modalities": list(options.modalities), "image_size": prep.image_size,
         "modality_dropout": options.modality_dropout,
         "class_weighting": options.class_weighting or RECIPES[options.arch]["class_weighting"],

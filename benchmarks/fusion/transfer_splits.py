@@ -29,7 +29,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import training.fusion_prep as fusion_prep  # noqa: E402
 from models.text_encoding import tokenize  # noqa: E402
 from training.fusion_data import load_pairs  # noqa: E402
 from training.fusion_late import build_late, train_late_head  # noqa: E402
@@ -55,7 +54,6 @@ def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], va
     label = {run: run[0] if len(limits) == 1 else f"{run[0]}, {run[1] or 'all'} pairs" for run in runs}
     results: dict[str, list[dict[str, tuple[float, float]]]] = {label[run]: [] for run in runs}
     for split in splits:
-        fusion_prep.SPLIT_SEED = split  # prepare() draws its validation split from this seed
         for name, limit in runs:
             use_image, use_text = VARIANTS[name]
             text = text_parent if use_text else None
@@ -63,7 +61,7 @@ def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], va
             key = preprocessing.cache_key()
             if key not in tokens:
                 tokens[key] = tokenize(data.texts, preprocessing)
-            limited = dataclasses.replace(options, limit=limit)
+            limited = dataclasses.replace(options, limit=limit, split_seed=split)
             prep = prepare(limited, image_parent if use_image else None, text, data=data, token_lists=tokens[key])
             _, logits = train_late_head(build_late(prep, limited, 0), prep, limited, 0, torch.device("cpu"))
             labels = prep.data.labels[prep.val_idx]
