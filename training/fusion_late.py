@@ -6,7 +6,9 @@
    balanced logistic fit on its features. Every training pair also gets *out-of-fold* scores from
    scorers fitted without it (``training.fusion_stacking``), so the head never learns from scores a
    scorer produced for pairs it memorised. The transferred text model is frozen (its topic
-   log-probabilities join the text scores).
+   log-probabilities join the text scores). With a pretrained sentence encoder
+   (``training.fusion_sentence``), its frozen embeddings get a third balanced logistic scorer,
+   whose (out-of-fold) scores join the text scores after the bag's.
 2. Head, on the cached scores: cross-entropy (weighted as the options say), modality dropout (a
    training pair loses its image or its text with probability ``modality_dropout``, never both),
    AdamW, one thread (a model this small only waits on thread barriers).
@@ -26,6 +28,7 @@ from models.fusion import LateFusionClassifier, LateFusionConfig
 from models.image_cnn import FastConvConfig
 from models.text_encoding import pad_batch
 from training.fusion_prep import FusionOptions, Prepared, drop_modalities, loop_config, presence
+from training.fusion_sentence import sentence_embeddings
 from training.fusion_stacking import fit_scorer, load_linear, out_of_fold_scores
 from training.fusion_text import build_bag, feature_matrix
 from training.fusion_transfer import init_late_image_encoder, init_late_topic
@@ -61,9 +64,10 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
     known = {f.name for f in dataclasses.fields(FastConvConfig)}
     image_config = {k: v for k, v in (prep.image_parent.manifest.config if prep.image_parent else {}).items() if k in known}
     topic = dict(prep.text_parent.manifest.config) if _has_topic(prep) and prep.text_parent is not None else {}
+    sentence = dataclasses.asdict(prep.sentence.config) if prep.sentence is not None else {}
     model = LateFusionClassifier(LateFusionConfig(num_classes=classes, image=image_config,
                                                   text=dataclasses.asdict(bag.config), topic=topic,
-                                                  lexicon=options.lexicon))
+                                                  lexicon=options.lexicon, sentence=sentence))
     model.text_bag.load_state_dict(bag.state_dict())
     if options.lexicon:
         valence, negator = lexicon_tables(prep.vocabulary.itos, read_vader_lexicon())
@@ -94,8 +98,20 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
     matrix = feature_matrix(model.text_bag, text_ids)
     weight, bias = fit_scorer(matrix, prep.data.labels[text_rows], classes, options.text_scorer, seed)
     load_linear(model.text_bag, weight, bias, transpose=True)
-    text_scores = _text_scores(model, prep.ids)
+    embeddings = None
+    if prep.sentence is not None and model.sentence_encoder is not None:
+        # the frozen sentence encoder: its embeddings (computed once) get a balanced logistic scorer
+        model.sentence_encoder.load_state_dict(prep.sentence.state)
+        copied["sentence"] = sorted(prep.sentence.state)
+        embeddings = sentence_embeddings(prep.sentence, prep.data.texts)
+        weight, bias = fit_scorer(embeddings[text_rows].numpy(), prep.data.labels[text_rows], classes,
+                                  options.sentence_scorer, seed)
+        load_linear(model.sentence_scorer, weight, bias)
+    text_scores = _text_scores(model, prep.ids, embeddings)
     text_scores[text_rows, :classes] = out_of_fold_scores(matrix, prep.data.labels[text_rows], classes, options.text_scorer, seed)
+    if embeddings is not None:
+        text_scores[text_rows, classes:2 * classes] = out_of_fold_scores(
+            embeddings[text_rows].numpy(), prep.data.labels[text_rows], classes, options.sentence_scorer, seed)
     return LateEncoded(model, image_scores, text_scores, copied)
 
 
@@ -109,9 +125,11 @@ def _image_features(model: LateFusionClassifier, prep: Prepared, batch_size: int
 
 
 @torch.no_grad()
-def _text_scores(model: LateFusionClassifier, ids: Sequence[Sequence[int]], batch_size: int = 512) -> torch.Tensor:
+def _text_scores(model: LateFusionClassifier, ids: Sequence[Sequence[int]], embeddings: torch.Tensor | None,
+                 batch_size: int = 512) -> torch.Tensor:
     max_tokens = model.text_bag.config.max_tokens
-    return torch.cat([model.text_scores(pad_batch(ids[s:s + batch_size], max_tokens))
+    return torch.cat([model.text_scores(pad_batch(ids[s:s + batch_size], max_tokens),
+                                        sentence_embeddings=None if embeddings is None else embeddings[s:s + batch_size])
                       for s in range(0, len(ids), batch_size)])  # (N, text_width)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
 from training.fusion_data import PairDataset, load_pairs
+from training.fusion_sentence import SentenceSource, load_sentence_source
 from training.fusion_stacking import ScorerOptions
 from training.fusion_text import BagOptions, build_vocabulary, tweet_preprocessing
 from training.fusion_transfer import Parent, TextParent, load_image_parent, load_text_parent
@@ -52,12 +53,16 @@ class FusionOptions:
     weight_decay: float | None = None
     modality_dropout: float = 0.3
     lexicon: bool = True  # late: the text side adds sentiment-lexicon features for the head
+    # late: a pretrained sentence encoder (a sentence-transformers folder, or "minilm") whose frozen
+    # embedding gets its own scorer on the text side; None for none
+    sentence_from: str | None = None
     # loss weights of the trained part: none | sqrt (inverse square-root frequency) | balanced; None: the
     # recipe's (late: none — its scorers are already fitted with balanced weights; joint: sqrt)
     class_weighting: str | None = None
     bag: BagOptions = dataclasses.field(default_factory=BagOptions)
     text_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=1.0))
     image_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=0.01))
+    sentence_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=1.0))
     device: str = "auto"
     name: str | None = None
     limit: int | None = None
@@ -91,6 +96,8 @@ class Prepared:
     mean: list[float]
     std: list[float]
     image_size: int
+    sentence: SentenceSource | None = None
+    sentence_ids: list[list[int]] | None = None  # every pair's WordPiece ids, with ``sentence``
 
 
 def class_weights(labels: torch.Tensor, classes: int, rule: str) -> list[float] | None:
@@ -104,10 +111,15 @@ def class_weights(labels: torch.Tensor, classes: int, rule: str) -> list[float] 
 
 
 def prepare(options: FusionOptions, image_parent: Parent | None = None, text_parent: TextParent | None = None,
-            data: PairDataset | None = None, token_lists: list[list[str]] | None = None) -> Prepared:
-    """Load (or reuse) the data and parents, split, tokenise, and build the fusion vocabulary."""
+            data: PairDataset | None = None, token_lists: list[list[str]] | None = None,
+            sentence: SentenceSource | None = None) -> Prepared:
+    """Load (or reuse) the data, parents and sentence encoder, split, tokenise, and build the fusion vocabulary."""
     if options.arch not in ARCHITECTURES:
         raise ValueError(f"unknown fusion architecture {options.arch!r}; choose from {sorted(ARCHITECTURES)}")
+    if options.sentence_from is not None and options.arch != "late":
+        raise ValueError("--sentence-from is for late fusion (the joint model reads texts through the trunk)")
+    if sentence is None and options.sentence_from is not None:
+        sentence = load_sentence_source(options.sentence_from)
     image_archs = ("fastconv",) if options.arch == "late" else ("trunk",)
     if image_parent is None and options.image_from is not None:
         image_parent = load_image_parent(options.image_from, image_archs)
@@ -144,8 +156,9 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
     else:
         with_image = train_idx[data.has_image[train_idx]]
         mean, std = channel_stats(data.images[with_image])
+    sentence_ids = None if sentence is None else [row.tolist() for row in sentence.tokenizer.encode_batch(data.texts)]
     return Prepared(data, train_idx, val_idx, token_lists, preprocessing, vocabulary, ids, image_parent, text_parent,
-                    mean, std, image_size)
+                    mean, std, image_size, sentence, sentence_ids)
 
 
 def presence(prep: Prepared, indices: torch.Tensor, modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

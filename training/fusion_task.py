@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import new_manifest
+from models.sentence_encoder import SENTENCE_VOCAB_FILE
 from training.common import finish_checkpoint, pick_device
 from training.fusion_joint import build_joint, joint_eval_batches, train_joint
 from training.fusion_late import build_late, train_late_head
@@ -46,13 +47,18 @@ def tfidf_svm_reference(prep: Prepared) -> dict[str, float]:
 
 
 def preprocessing_dict(prep: Prepared) -> dict[str, Any]:
-    return {
+    values: dict[str, Any] = {
         "kind": "multimodal",
         "image": {"kind": "image", "size": prep.image_size, "mean": prep.mean, "std": prep.std, "color": "RGB",
                   "resize": "bilinear"},
         "text": prep.preprocessing.to_dict(),
         "inputs": "model(images, token_ids, image_mask, text_mask); see models.fusion.FUSION_INPUTS",
     }
+    if prep.sentence is not None:
+        values["sentence"] = {"kind": "wordpiece", "vocab_file": SENTENCE_VOCAB_FILE, "lowercase": True,
+                              "max_tokens": prep.sentence.tokenizer.max_tokens}
+        values["inputs"] = "model(images, token_ids, image_mask, text_mask, sentence_ids); see models.fusion.FUSION_INPUTS"
+    return values
 
 
 def parents(prep: Prepared, copied: dict[str, list[str]]) -> dict[str, Any] | None:
@@ -62,7 +68,17 @@ def parents(prep: Prepared, copied: dict[str, list[str]]) -> dict[str, Any] | No
     if prep.text_parent is not None:
         record["text"] = {**prep.text_parent.lineage(), "copied_tensors": len(copied.get("text", [])),
                           "vocabulary": "extended"}
+    if prep.sentence is not None:
+        record["sentence"] = {**prep.sentence.lineage, "copied_tensors": len(copied.get("sentence", []))}
     return record or None
+
+
+def extra_files(prep: Prepared) -> dict[str, bytes]:
+    """The files beside the weights: the fusion vocabulary, and the sentence encoder's WordPiece vocabulary."""
+    files = {prep.preprocessing.vocab_file: prep.vocabulary.to_json_bytes()}
+    if prep.sentence is not None:
+        files[SENTENCE_VOCAB_FILE] = prep.sentence.tokenizer.to_json_bytes()
+    return files
 
 
 def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
@@ -88,7 +104,8 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         if options.refit_full:
             # the split run above gave the validation metrics and the temperature; the same recipe and
             # seed now fit the vocabulary, both scorers and the head on every pair, and that model ships
-            shipped = prepare(options, prep.image_parent, prep.text_parent, data=prep.data, token_lists=prep.token_lists)
+            shipped = prepare(options, prep.image_parent, prep.text_parent, data=prep.data, token_lists=prep.token_lists,
+                              sentence=prep.sentence)
             refit = build_late(shipped, options, options.seed)
             train_late_head(refit, shipped, options, options.seed, torch.device("cpu"))
             model, copied = refit.model, refit.copied
@@ -115,13 +132,15 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         "bag": dataclasses.asdict(options.bag), "text_scorer": dataclasses.asdict(options.text_scorer),
         "image_scorer": dataclasses.asdict(options.image_scorer), "batch_size": options.batch_size,
     }
+    if prep.sentence is not None:
+        extra["sentence_scorer"] = dataclasses.asdict(options.sentence_scorer)
     if options.refit_full:
         extra["refit_full"] = True
         extra["note"] = (f"measured on the {len(prep.val_idx)} validation pairs by the same recipe and seed fitted on the "
                          f"other {len(prep.train_idx)} (whose temperature this model uses), before the refit on all "
                          f"{len(shipped.train_idx)} pairs; the shipped model has no held-out pairs of its own")
     summary = finish_checkpoint(options.output, model, manifest, logits["fused"], val_labels, history,
-                                extra_files={shipped.preprocessing.vocab_file: shipped.vocabulary.to_json_bytes()},
+                                extra_files=extra_files(shipped),
                                 extra_metrics=extra)
     summary["by_modality"] = extra["by_modality"]
     summary["reference_tfidf_svm"] = extra["reference_tfidf_svm"]

@@ -3,14 +3,15 @@
 ``fusion-study`` compares its arms on one split (split seed 0, 640 pairs), where a point and a half
 is within what the choice of split moves. This reruns the late-fusion recipe, one seed, on several
 other stratified 20% splits with each side transferred or from scratch (``T``: CIFAR-10 image
-encoder + 20 Newsgroups vocabulary and topic model, as shipped; ``S``: neither; and the two mixes),
+encoder + 20 Newsgroups vocabulary and topic model; ``S``: neither; the two mixes; and ``T+M`` /
+``S+M``, the same with the frozen pretrained MiniLM sentence encoder on the text side, as shipped),
 and scores the fused answers and the same model's answers with the images left out. With
 ``--limits`` each variant also trains on a seeded random N of its training pairs (a learning
 curve: what a refit on every pair may still gain). Writes a markdown table; held-out pairs are
 never touched.
 
     python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --splits 11,12,13,14,15
-    python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --variants T \
+    python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --variants T,T+M \
         --limits 1280,1920,all --output benchmarks/results/fusion_learning_curve.md
 """
 
@@ -33,14 +34,18 @@ from models.text_encoding import tokenize  # noqa: E402
 from training.fusion_data import load_pairs  # noqa: E402
 from training.fusion_late import build_late, train_late_head  # noqa: E402
 from training.fusion_prep import LATE_IMAGE_SIZE, FusionOptions, prepare  # noqa: E402
+from training.fusion_sentence import SentenceSource, load_sentence_source  # noqa: E402
 from training.fusion_text import tweet_preprocessing  # noqa: E402
 from training.fusion_transfer import load_image_parent, load_text_parent  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 
-VARIANTS = {"T": (True, True), "S": (False, False), "Ti+St": (True, False), "Si+Tt": (False, True)}
-LEGEND = ("T: the CIFAR-10 image encoder and the 20 Newsgroups vocabulary and topic model (as shipped); S: a "
-          "random frozen fastconv and the training tweets' vocabulary; Ti+St, Si+Tt: the mixes. \"Images left out\": "
-          "the same model answering with every image absent.")
+# name → (transferred image encoder, transferred text side, pretrained sentence encoder)
+VARIANTS = {"T": (True, True, False), "S": (False, False, False), "Ti+St": (True, False, False),
+            "Si+Tt": (False, True, False), "T+M": (True, True, True), "S+M": (False, False, True)}
+LEGEND = ("T: the CIFAR-10 image encoder and the 20 Newsgroups vocabulary and topic model; S: a "
+          "random frozen fastconv and the training tweets' vocabulary; Ti+St, Si+Tt: the mixes; +M: with the frozen "
+          "MiniLM sentence encoder (all-MiniLM-L6-v2) and its scorer on the text side (T+M as shipped). "
+          "\"Images left out\": the same model answering with every image absent.")
 
 
 def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], variants: list[str],
@@ -49,20 +54,24 @@ def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], va
     text_parent = load_text_parent(text_from)
     data = load_pairs(data_dir, LATE_IMAGE_SIZE)
     options = FusionOptions(data=data_dir, arch="late", image_size=LATE_IMAGE_SIZE)
+    sentence: SentenceSource | None = None
+    if any(VARIANTS[name][2] for name in variants):
+        sentence = load_sentence_source("minilm")
     tokens: dict[str, list[list[str]]] = {}
     runs = [(name, limit) for name in variants for limit in limits]
     label = {run: run[0] if len(limits) == 1 else f"{run[0]}, {run[1] or 'all'} pairs" for run in runs}
     results: dict[str, list[dict[str, tuple[float, float]]]] = {label[run]: [] for run in runs}
     for split in splits:
         for name, limit in runs:
-            use_image, use_text = VARIANTS[name]
+            use_image, use_text, use_sentence = VARIANTS[name]
             text = text_parent if use_text else None
             preprocessing = tweet_preprocessing(text.encoder.preprocessing if text else None, options.bag.max_tokens)
             key = preprocessing.cache_key()
             if key not in tokens:
                 tokens[key] = tokenize(data.texts, preprocessing)
             limited = dataclasses.replace(options, limit=limit, split_seed=split)
-            prep = prepare(limited, image_parent if use_image else None, text, data=data, token_lists=tokens[key])
+            prep = prepare(limited, image_parent if use_image else None, text, data=data, token_lists=tokens[key],
+                           sentence=sentence if use_sentence else None)
             _, logits = train_late_head(build_late(prep, limited, 0), prep, limited, 0, torch.device("cpu"))
             labels = prep.data.labels[prep.val_idx]
             scores = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -46,8 +47,20 @@ FUSION_CORPUS = ["Best day ever at the beach", "ugh stuck in traffic again", "th
                  "I love this sunset", "worst service ever"]
 
 
-def save_fusion_model(directory: Path, name: str, architecture: str, temperature: float = 1.0) -> None:
-    """A tiny untrained multimodal checkpoint (``fusion_late`` or ``fusion_joint``) over 32×32 images.
+def tiny_wordpiece_vocabulary(texts: list[str]) -> list[str]:
+    """BERT's special tokens, the lower-cased words of ``texts``, and every letter as a word start and continuation."""
+    import string
+
+    words = sorted({word for text in texts for word in text.lower().split()})
+    letters = list(string.ascii_lowercase)
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *(f"##{c}" for c in letters),
+            *string.punctuation]
+
+
+def save_fusion_model(directory: Path, name: str, architecture: str, temperature: float = 1.0,
+                      sentence: bool = False) -> None:
+    """A tiny untrained multimodal checkpoint (``fusion_late`` or ``fusion_joint``) over 32×32 images;
+    ``sentence``: the late model with a tiny sentence encoder and its WordPiece vocabulary.
 
     Weights are random (the text bag's too, which starts at zero) so both sides move the answer.
     """
@@ -59,9 +72,13 @@ def save_fusion_model(directory: Path, name: str, architecture: str, temperature
     text = TextPreprocessing(max_tokens=64)
     vocabulary = Vocabulary.build(tokenize(FUSION_CORPUS, text), min_freq=1)
     config: dict[str, object]
+    pieces = tiny_wordpiece_vocabulary(FUSION_CORPUS)
     if architecture == "fusion_late":
         config = {"num_classes": 3, "image": {"widths": [8, 16, 16]}, "hidden": 8,
                   "text": {"vocab_size": len(vocabulary), "num_classes": 3, "max_tokens": 64}}
+        if sentence:
+            config["sentence"] = {"vocab_size": len(pieces), "hidden": 8, "layers": 1, "heads": 2, "intermediate": 16,
+                                  "max_positions": 64, "max_tokens": 64}
     else:
         config = {"num_classes": 3, "modalities": ["image", "text"], "dim": 16, "depth": 1, "heads": 2,
                   "image_size": 32, "patch_size": 8, "stem_width": 8, "vocab_size": len(vocabulary),
@@ -72,10 +89,14 @@ def save_fusion_model(directory: Path, name: str, architecture: str, temperature
         for parameter in model.parameters():
             if parameter.dim() >= 2 and not bool(parameter.any()):
                 parameter.normal_(0, 1)
-    preprocessing = {"kind": "multimodal", "image": IMAGE_PREPROCESSING, "text": text.to_dict()}
+    preprocessing: dict[str, object] = {"kind": "multimodal", "image": IMAGE_PREPROCESSING, "text": text.to_dict()}
+    extra_files = {text.vocab_file: vocabulary.to_json_bytes()}
+    if sentence:
+        preprocessing["sentence"] = {"kind": "wordpiece", "vocab_file": "sentence_vocab.json", "max_tokens": 64}
+        extra_files["sentence_vocab.json"] = json.dumps(pieces).encode()
     manifest = new_manifest(name, "multimodal", architecture, config, classes=FUSION_CLASSES,
                             preprocessing=preprocessing, calibration={"temperature": temperature})
-    save_checkpoint(directory / name, model, manifest, extra_files={text.vocab_file: vocabulary.to_json_bytes()})
+    save_checkpoint(directory / name, model, manifest, extra_files=extra_files)
 
 
 def free_port() -> int:

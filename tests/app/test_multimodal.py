@@ -15,7 +15,7 @@ from PIL import Image
 from servicekit import FUSION_CLASSES, IMAGE_PREPROCESSING, Server, encode, metric, save_fusion_model, save_image_model
 
 from models.checkpoint import load_checkpoint
-from models.fusion import load_fusion_text_encoder
+from models.fusion import load_fusion_sentence_tokenizer, load_fusion_text_encoder
 
 URL = "/v1/multimodal/classify"
 Pair = tuple[bytes | None, str | None]
@@ -23,9 +23,11 @@ Pair = tuple[bytes | None, str | None]
 
 @pytest.fixture(scope="module")
 def fusion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny-fusion-late (the default, temperature 1.3), tiny-fusion-joint, and an image model."""
+    """tiny-fusion-late (the default, temperature 1.3), tiny-fusion-joint, a late model with a sentence
+    encoder, and an image model."""
     directory = tmp_path_factory.mktemp("fusion")
     save_fusion_model(directory, "tiny-fusion-late", "fusion_late", temperature=1.3)
+    save_fusion_model(directory, "tiny-fusion-sentence", "fusion_late", sentence=True)
     save_fusion_model(directory, "tiny-fusion-joint", "fusion_joint")
     save_image_model(directory, "tiny-lenet", "lenet", {"num_classes": 10})
     return directory
@@ -68,9 +70,13 @@ def _expected(directory: Path, pair: Pair) -> list[float]:
         images = torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1)).float()[None]  # (1, 3, 32, 32)
     encoder = load_fusion_text_encoder(directory, loaded.manifest)
     token_ids = encoder.encode([text]) if text is not None else torch.zeros(1, 1, dtype=torch.long)
+    inputs = {"images": images, "token_ids": token_ids, "image_mask": torch.tensor([image is not None]),
+              "text_mask": torch.tensor([text is not None])}
+    pieces = load_fusion_sentence_tokenizer(directory, loaded.manifest)
+    if pieces is not None:  # the sentence encoder's own WordPiece ids: [CLS] … [SEP]
+        inputs["sentence_ids"] = torch.tensor([pieces.encode(text) if text is not None else [0]])
     with torch.no_grad():
-        logits = loaded.model(images=images, token_ids=token_ids, image_mask=torch.tensor([image is not None]),
-                              text_mask=torch.tensor([text is not None]))
+        logits = loaded.model(**inputs)
     return torch.softmax(logits / loaded.manifest.temperature, dim=-1)[0].tolist()
 
 
@@ -82,7 +88,7 @@ def _check(prediction: dict, expected: list[float]) -> None:
     assert prediction["label"] == max(probabilities, key=probabilities.get)
 
 
-@pytest.mark.parametrize("name", ["tiny-fusion-late", "tiny-fusion-joint"])
+@pytest.mark.parametrize("name", ["tiny-fusion-late", "tiny-fusion-joint", "tiny-fusion-sentence"])
 def test_classify_pairs_matches_the_checkpoint_in_order(mm: httpx.Client, fusion_dir: Path, jpegs: list[bytes],
                                                         name: str) -> None:
     pairs: list[Pair] = [(jpegs[0], "Best day ever at the beach"), (None, "ugh stuck in traffic again"),
@@ -195,7 +201,7 @@ def test_classify_pairs_refuses_body_over_limit(mm: httpx.Client) -> None:
 @pytest.mark.parametrize(("path", "model", "message"), [
     (URL, "tiny-lenet", "model 'tiny-lenet' serves image requests, not multimodal requests"),
     ("/v1/image/classify", "tiny-fusion-joint", "model 'tiny-fusion-joint' serves multimodal requests, not image requests"),
-    (URL, "nope", "unknown model 'nope'; loaded models: tiny-fusion-joint, tiny-fusion-late, tiny-lenet"),
+    (URL, "nope", "unknown model 'nope'; loaded models: tiny-fusion-joint, tiny-fusion-late, tiny-fusion-sentence, tiny-lenet"),
 ])
 def test_wrong_task_or_unknown_model_is_404(mm: httpx.Client, jpegs: list[bytes], path: str, model: str,
                                             message: str) -> None:
@@ -207,7 +213,8 @@ def test_wrong_task_or_unknown_model_is_404(mm: httpx.Client, jpegs: list[bytes]
 def test_models_lists_the_multimodal_models(mm: httpx.Client) -> None:
     body = mm.get("/v1/models").json()
     tasks = {model["name"]: model["task"] for model in body["models"]}
-    assert tasks == {"tiny-fusion-joint": "multimodal", "tiny-fusion-late": "multimodal", "tiny-lenet": "image"}
+    assert tasks == {"tiny-fusion-joint": "multimodal", "tiny-fusion-late": "multimodal",
+                     "tiny-fusion-sentence": "multimodal", "tiny-lenet": "image"}
     assert body["defaults"] == {"image": "tiny-lenet", "multimodal": "tiny-fusion-late"}
     late = mm.get("/v1/models/tiny-fusion-late").json()
     assert late["classes"] == FUSION_CLASSES and late["calibration"] == {"temperature": 1.3}

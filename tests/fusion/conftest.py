@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sentencekit import write_sentence_source
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
@@ -97,3 +98,15 @@ def ngram_text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             preprocessing=preprocessing.to_dict())
     return save_checkpoint(tmp_path_factory.mktemp("parents") / "news", bag, manifest,
                            extra_files={"vocab.json": vocabulary.to_json_bytes()})
+
+
+@pytest.fixture(scope="session")
+def sentence_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random sentence encoder whose WordPiece vocabulary covers any English text (letters as pieces)."""
+    import string
+
+    letters = list(string.ascii_lowercase + string.digits)
+    words = ["the", "love", "happy", "sad", "day", "rt", "http", "co", "##s", "##ing"]
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *letters, *(f"##{c}" for c in letters),
+                  *string.punctuation]
+    return write_sentence_source(tmp_path_factory.mktemp("sentence") / "tiny-minilm", vocabulary)

@@ -99,16 +99,21 @@ def test_joint_fusion_trains_through_the_shared_trunk(pairs_subset: Path, trunk_
 
 
 def test_the_fusion_study_runs_end_to_end_on_a_tiny_budget(
-    pairs_subset: Path, fastconv_checkpoint: Path, ngram_text_checkpoint: Path, trunk_checkpoint: Path, tmp_path: Path,
+    pairs_subset: Path, fastconv_checkpoint: Path, ngram_text_checkpoint: Path, trunk_checkpoint: Path,
+    sentence_source: Path, tmp_path: Path,
 ) -> None:
     output = tmp_path / "study"
     assert main(["fusion-study", "--data", str(pairs_subset), "--output", str(output), "--image-from",
                  str(fastconv_checkpoint), "--text-from", str(ngram_text_checkpoint), "--joint-image-from",
-                 str(trunk_checkpoint), "--quick", "--seeds", "2", "--limit", "150"]) == 0
+                 str(trunk_checkpoint), "--sentence-from", str(sentence_source), "--quick", "--seeds", "2",
+                 "--limit", "150"]) == 0
     result = json.loads((output / "results.json").read_text())
     arms = {(row["arm"], row["init"]) for row in result["rows"]}
-    assert arms == {(arm, init) for arm in ("image", "text", "late", "joint") for init in ("transferred", "scratch")}
-    assert len(result["rows"]) == 16
+    expected = {(arm, init) for arm in ("image", "text", "late", "joint") for init in ("transferred", "scratch")}
+    expected |= {(arm, "transferred + MiniLM") for arm in ("image", "text", "late")}  # late arms only
+    assert arms == expected
+    assert len(result["rows"]) == 22
     table = (output / "table.md").read_text()
-    assert "| late | transferred |" in table and "TF-IDF + linear SVM" in table and "±" in table
+    assert "| late | transferred |" in table and "| text | transferred + MiniLM |" in table
+    assert "TF-IDF + linear SVM" in table and "±" in table
     assert (output / "plot.png").stat().st_size > 5000
