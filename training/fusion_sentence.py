@@ -121,6 +121,8 @@ def load_sentence_source(source: str | Path, max_tokens: int = 256) -> SentenceS
         raise SentenceSourceError(f"{folder}: {error}") from None
     lineage = {"source": model_id, "from": origin, "sha256": sha256_file(weights),
                "pooling": "mean, L2-normalised", "frozen": True}
+    logger.info("sentence encoder %s from %s: %d layers, width %d, %d word pieces", model_id, origin, config.layers,
+                config.hidden, config.vocab_size)
     return SentenceSource(config, state, tokenizer, lineage)
 
 

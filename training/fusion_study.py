@@ -37,7 +37,7 @@ from training.common import pick_device
 from training.fusion_data import load_pairs
 from training.fusion_joint import build_joint, train_joint
 from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import LATE_IMAGE_SIZE, FusionOptions, prepare
+from training.fusion_prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare
 from training.fusion_sentence import SentenceSource, load_sentence_source
 from training.fusion_stacking import ScorerOptions
 from training.fusion_task import tfidf_svm_reference
@@ -92,7 +92,8 @@ def run_fusion_study(options: StudyOptions) -> dict[str, Any]:
     base = FusionOptions(data=options.data, limit=options.limit or (300 if options.quick else None),
                          image_size=late_size, epochs=3 if options.quick else None,
                          text_scorer=ScorerOptions(C=1.0, folds=2 if options.quick else 5),
-                         image_scorer=ScorerOptions(C=0.01, folds=2 if options.quick else 5))
+                         image_scorer=ScorerOptions(C=0.01, folds=2 if options.quick else 5),
+                         sentence_scorer=ScorerOptions(C=SENTENCE_C, folds=2 if options.quick else 5))
     image_parent = load_image_parent(options.image_from, ("fastconv",))
     text_parent = load_text_parent(options.text_from)
     joint_parent = load_image_parent(options.joint_image_from, ("trunk",)) if options.joint_image_from else None

@@ -11,7 +11,7 @@ curve: what a refit on every pair may still gain). Writes a markdown table; held
 never touched.
 
     python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --splits 11,12,13,14,15
-    python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --variants T,T+M \
+    python benchmarks/fusion/transfer_splits.py --data .cache/data/mvsa-pairs-train --variants T \
         --limits 1280,1920,all --output benchmarks/results/fusion_learning_curve.md
 """
 
