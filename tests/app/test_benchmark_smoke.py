@@ -66,3 +66,32 @@ def test_profile_counts_samples_per_thread_inclusive_for_project_code_and_by_inn
     assert main.samples == 5 and main.own["classify (routes/deps.py)"] == 5  # one function, two lines
     assert main.leaves == {"parse_qsl (urllib/parse.py)": 3, "classify (routes/deps.py)": 2}
     assert infer.samples == 5 and dict(infer.own) == {"compute (app/worker.py)": 5}  # site-packages is not ours
+
+
+def test_multimodal_load_benchmark_runs_both_configurations(tmp_path: Path) -> None:
+    """benchmarks/serving/multimodal_load.py against a tiny fusion model with a sentence encoder."""
+    import io
+
+    from PIL import Image
+    from servicekit import save_fusion_model
+
+    models = tmp_path / "models"
+    save_fusion_model(models, "tiny-fusion-sentence", "fusion_late", sentence=True)
+    pairs = tmp_path / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    lines = []
+    for number, (colour, text) in enumerate([("red", "best day ever"), ("blue", "stuck in traffic again"),
+                                              ("green", "the meeting is at noon")]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (48, 40), colour).save(buffer, "JPEG")
+        (pairs / "images" / f"{number}.jpg").write_bytes(buffer.getvalue())
+        lines.append(json.dumps({"id": str(number), "image": f"images/{number}.jpg", "text": text, "label": "positive"}))
+    (pairs / "train.jsonl").write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "multimodal_load.py"), "--data",
+                             str(pairs), "--model-dir", str(models), "--levels", "1,4", "--duration", "1"],
+                            check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 4 ")]
+    assert len(rows) == 2, result.stdout
+    for row in rows:
+        assert float(row[2]) > 0 and float(row[4]) > 0 and row[7].strip() == "0", row  # both served, no errors
