@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.atomic import atomic_output
 from training.image_data import DEFAULT_CACHE, DataError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -210,10 +211,8 @@ def load_pairs(path: str | Path, image_size: int, classes: Sequence[str] | None 
     else:
         images = _decode_all(records, image_size)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial.npy")
-            np.save(partial, images)
-            partial.replace(cached)
+            with atomic_output(cached) as handle:
+                np.save(handle, images)
     dataset = PairDataset(
         ids=[record.id for record in records],
         texts=[record.text or "" for record in records],

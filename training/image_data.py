@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from training.atomic import atomic_output
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_CACHE = Path(".cache") / "decoded"
 
@@ -82,10 +84,8 @@ def load_image_folder(root: str | Path, size: int = 32, cache_dir: Path | None =
         with ThreadPoolExecutor() as pool:
             array = np.stack(list(pool.map(lambda item: decode_image(item[0], size), files)))
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".partial.npy")
-            np.save(partial, array)
-            partial.replace(cached)
+            with atomic_output(cached) as handle:  # torchrun's ranks both write it
+                np.save(handle, array)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return ImageDataset(torch.from_numpy(array), labels, classes, fingerprint)
 

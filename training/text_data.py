@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from models.text_encoding import TextPreprocessing, tokenize
+from training.atomic import atomic_output
 from training.image_data import DataError
 
 logger = logging.getLogger(__name__)
@@ -201,9 +202,6 @@ def cached_tokens(data: TextDataset, preprocessing: TextPreprocessing,
     seconds = time.perf_counter() - started
     logger.info("tokenised %d texts in %.1f s (%.0f posts/s)", len(data), seconds, len(data) / max(seconds, 1e-9))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        with gzip.open(partial, "wt", encoding="utf-8", compresslevel=3) as handle:
+        with atomic_output(path) as raw, gzip.open(raw, "wt", encoding="utf-8", compresslevel=3) as handle:
             json.dump(tokens, handle, ensure_ascii=False)
-        partial.replace(path)
     return tokens
