@@ -99,11 +99,11 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
     weight, bias = fit_scorer(matrix, prep.data.labels[text_rows], classes, options.text_scorer, seed)
     load_linear(model.text_bag, weight, bias, transpose=True)
     embeddings = None
-    if prep.sentence is not None and model.sentence_encoder is not None:
+    if prep.sentence is not None and prep.sentence_ids is not None and model.sentence_encoder is not None:
         # the frozen sentence encoder: its embeddings (computed once) get a balanced logistic scorer
         model.sentence_encoder.load_state_dict(prep.sentence.state)
         copied["sentence"] = sorted(prep.sentence.state)
-        embeddings = sentence_embeddings(prep.sentence, prep.data.texts)
+        embeddings = sentence_embeddings(prep.sentence, prep.sentence_ids)
         weight, bias = fit_scorer(embeddings[text_rows].numpy(), prep.data.labels[text_rows], classes,
                                   options.sentence_scorer, seed)
         load_linear(model.sentence_scorer, weight, bias)

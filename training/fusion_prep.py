@@ -157,7 +157,7 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
     else:
         with_image = train_idx[data.has_image[train_idx]]
         mean, std = channel_stats(data.images[with_image])
-    sentence_ids = None if sentence is None else [row.tolist() for row in sentence.tokenizer.encode_batch(data.texts)]
+    sentence_ids = None if sentence is None else [sentence.tokenizer.encode(text) for text in data.texts]
     return Prepared(data, train_idx, val_idx, token_lists, preprocessing, vocabulary, ids, image_parent, text_parent,
                     mean, std, image_size, sentence, sentence_ids)
 

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from models.checkpoint import sha256_file
 from models.sentence_encoder import SentenceEncoder, SentenceEncoderConfig, WordPieceTokenizer
+from models.text_encoding import pad_batch
 
 logger = logging.getLogger(__name__)
 
@@ -127,21 +128,18 @@ def load_sentence_source(source: str | Path, max_tokens: int = 256) -> SentenceS
 
 
 @torch.no_grad()
-def sentence_embeddings(source: SentenceSource, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """(N, hidden) embeddings of ``texts``; texts sorted by length into batches so padding stays short."""
-    digest = hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest()
+def sentence_embeddings(source: SentenceSource, ids: list[list[int]], batch_size: int = 64) -> torch.Tensor:
+    """(N, hidden) embeddings of texts given as WordPiece ids (``Prepared.sentence_ids``), sorted by
+    length into batches so padding stays short."""
+    digest = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
     key = (source.lineage["sha256"], digest)
     if key in _EMBEDDINGS:
         return _EMBEDDINGS[key]
     encoder = source.encoder()
-    ids = source.tokenizer.encode_batch(texts)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out = torch.zeros(len(ids), source.config.hidden)
     for start in tqdm(range(0, len(order), batch_size), desc="sentence embeddings", unit="batch", leave=False):
         rows = order[start:start + batch_size]
-        batch = torch.zeros(len(rows), max(len(ids[i]) for i in rows), dtype=torch.long)
-        for slot, i in enumerate(rows):
-            batch[slot, : len(ids[i])] = ids[i]
-        out[rows] = encoder(batch)
+        out[rows] = encoder(pad_batch([ids[i] for i in rows], source.config.max_tokens))
     _EMBEDDINGS[key] = out
     return out
