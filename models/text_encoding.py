@@ -264,10 +264,10 @@ class Vocabulary:
     def __init__(self, tokens: Sequence[str], min_freq: int = 1, max_size: int | None = None) -> None:
         if list(tokens[:2]) != [PAD, UNK]:
             raise TextEncodingError(f"a vocabulary must start with {PAD!r}, {UNK!r}")
-        if len(set(tokens)) != len(tokens):
-            raise TextEncodingError("vocabulary tokens must be unique")
         self.itos = list(tokens)
         self.stoi = {token: index for index, token in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):  # one pass over 150k tokens, not a set and then the dict
+            raise TextEncodingError("vocabulary tokens must be unique")
         self.min_freq, self.max_size = min_freq, max_size
 
     def __len__(self) -> int:
@@ -309,7 +309,7 @@ class Vocabulary:
         if not isinstance(values, dict) or values.get("format") != VOCAB_FORMAT:
             raise TextEncodingError(f"vocabulary format must be {VOCAB_FORMAT}")
         tokens = values.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        if not isinstance(tokens, list) or not set(map(type, tokens)) <= {str}:
             raise TextEncodingError("vocabulary 'tokens' must be a list of strings")
         return cls(tokens, int(values.get("min_freq", 1)), values.get("max_size"))
 

@@ -96,6 +96,10 @@ def test_vocabulary_round_trips_through_json_bytes() -> None:
         Vocabulary.from_json_bytes(b'{"format": 1, "tokens": ["a", "b"]}')
     with pytest.raises(TextEncodingError, match="JSON"):
         Vocabulary.from_json_bytes(b"not json")
+    with pytest.raises(TextEncodingError, match="unique"):
+        Vocabulary.from_json_bytes(b'{"format": 1, "tokens": ["<pad>", "<unk>", "a", "b", "a"]}')
+    with pytest.raises(TextEncodingError, match="list of strings"):
+        Vocabulary.from_json_bytes(b'{"format": 1, "tokens": ["<pad>", "<unk>", "a", 7]}')
 
 
 def test_encode_pads_with_zero_and_never_returns_an_empty_row() -> None:
