@@ -104,7 +104,7 @@ def main() -> int:
         logger.info("%s: %s", name, json.dumps({key: round(value, 4) for key, value in results[name].items()}))
     lines = [f"Temporal split of `{args.data}`: the latest {args.fraction:.0%} of each class held out "
              f"({train_count} earlier posts to train on, {val_count} later ones to score).", "",
-             "| recipe | train-text options | later posts: accuracy | macro-F1 | ECE | NLL | its random 10% split |",
+             "| recipe | train-text options | later posts: accuracy | macro-F1 | ECE | NLL | its own random validation split |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, metrics in results.items():
         if "macro_f1" not in metrics:
