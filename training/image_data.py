@@ -158,6 +158,5 @@ def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip
 
 
 def write_json(path: Path, values: object) -> None:
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(values, indent=2) + "\n")
-    partial.replace(path)
+    with atomic_output(path) as handle:
+        handle.write((json.dumps(values, indent=2) + "\n").encode())

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import read_manifest
+from training.atomic import atomic_output
 from training.text_data import load_text_data
 from training.text_task import PreparedText, TextRunOptions, prepare_text_run, train_text_model, validation_logits
 
@@ -139,9 +140,8 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
         if key not in runs:
             runs[key] = _run_one(arm, value, fraction, seed, options, settings, data)
             logger.info("%s: accuracy %.4f (%.0f s)", key, runs[key]["accuracy"], runs[key]["seconds"])
-            partial = runs_path.with_suffix(".partial")
-            partial.write_text(json.dumps(list(runs.values()), indent=1))
-            partial.replace(runs_path)
+            with atomic_output(runs_path) as handle:  # a killed study keeps every run it finished
+                handle.write(json.dumps(list(runs.values()), indent=1).encode())
         return runs[key]
 
     cells: list[dict[str, Any]] = []
