@@ -103,6 +103,15 @@ class ServerProcess:
         self._log.close()
 
 
+def start_service(name: str, env: dict[str, str], log_dir: Path) -> ServerProcess:
+    """The project's service (uvicorn, ``app.main:app``) on a free local port, with ``env`` on top of
+    this process's environment; returns once ``/readyz`` says 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+               "--no-access-log", "--log-level", "warning"]
+    return ServerProcess(name, command, env, port, "/readyz", log_dir)
+
+
 @dataclasses.dataclass
 class LoadResult:
     clients: int

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.serving.harness import ROOT, LoadResult, Payload, ServerProcess, free_port, pick_tool, run_wrk
+from benchmarks.serving.harness import ROOT, LoadResult, Payload, pick_tool, run_wrk, start_service
 
 BOUNDARY = "----crossmodalbenchPairs"
 
@@ -57,11 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     payload = pair_payload(args.data, args.pairs, scratch)
     results: dict[str, dict[int, LoadResult]] = {}
     for name, env in (("batched", {}), ("unbatched", {"MAX_BATCH_SIZE": "1"})):
-        port = free_port()
-        command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                   "--no-access-log", "--log-level", "warning"]
-        server = ServerProcess(name, command, {"MODEL_DIR": str(args.model_dir), **env}, port, "/readyz", scratch)
-        url = f"http://127.0.0.1:{port}/v1/multimodal/classify"
+        server = start_service(name, {"MODEL_DIR": str(args.model_dir), **env}, scratch)
+        url = f"{server.url}/v1/multimodal/classify"
         try:
             results[name] = {}
             for clients in levels:

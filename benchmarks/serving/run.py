@@ -44,6 +44,7 @@ from benchmarks.serving.harness import (
     run_locust,
     run_wrk,
     scrape,
+    start_service,
     time_breakdown,
     write_payload,
 )
@@ -200,13 +201,10 @@ def bench_servers(servers: dict[str, ServerProcess], payloads: dict[str, Payload
 
 
 def start_ours(name: str, args: argparse.Namespace, log_dir: Path, extra_env: dict[str, str]) -> ServerProcess:
-    port = free_port()
     env = {"MODEL_DIR": str(args.model_dir), "API_KEYS": args.api_key, "DEVICE": args.device, **extra_env}
     if args.model:
         env[f"DEFAULT_{args.task.upper()}_MODEL"] = args.model
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-               "--no-access-log", "--log-level", "warning"]
-    return ServerProcess(name, command, env, port, "/readyz", log_dir)
+    return start_service(name, env, log_dir)
 
 
 def start_litserve(checkpoint: Path, args: argparse.Namespace, log_dir: Path) -> ServerProcess:
