@@ -88,7 +88,7 @@ def test_multimodal_load_benchmark_runs_both_configurations(tmp_path: Path) -> N
         lines.append(json.dumps({"id": str(number), "image": f"images/{number}.jpg", "text": text, "label": "positive"}))
     (pairs / "train.jsonl").write_text("\n".join(lines) + "\n")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "multimodal_load.py"), "--data",
-                             str(pairs), "--model-dir", str(models), "--levels", "1,4", "--duration", "1"],
+                             str(pairs), "--model-dir", str(models), "--levels", "1,4", "--duration", "3"],
                             check=False, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 1 ") or line.startswith("| 4 ")]
