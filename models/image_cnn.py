@@ -121,21 +121,20 @@ class FastConvNet(nn.Module):
         self.whiten.bias.zero_()
         self.whiten.requires_grad_(False)
 
-    def logits(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, classes)
+    def pooled(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, width)
         x = self.act(self.whiten(images))
         x = self.groups(x)  # (B, width, h, w)
-        x = torch.amax(x, dim=(2, 3))  # (B, width)
-        return self.head(x) * self.config.logit_scale
+        return torch.amax(x, dim=(2, 3))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, classes)
+        return self.head(self.pooled(images)) * self.config.logit_scale
 
     def reset_classifier(self, num_classes: int) -> None:
         self.head = nn.Linear(self.head.in_features, num_classes, bias=False)
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.training or not (self.config.tta_flip or self.config.tta_translate):
-            return self.logits(images)
-        # Every test-time view goes through the network in one batch: (V·B, C, H, W) keeps the
-        # convolutions busy where V passes of a small batch would mostly pay per-call overhead.
+    def _test_time_views(self, images: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Every test-time view in one batch (V·B, C, H, W) and the weight of each view."""
         views, weights = [images], [1.0]
         if self.config.tta_translate:
             height, width = images.shape[-2:]
@@ -145,10 +144,30 @@ class FastConvNet(nn.Module):
         if self.config.tta_flip:
             views += [view.flip(-1) for view in views]
             weights = [w / 2 for w in weights] * 2
-        batch = torch.cat(views).contiguous(memory_format=torch.channels_last)  # (V·B, C, H, W)
-        logits = self.logits(batch).view(len(views), images.shape[0], -1)  # (V, B, classes)
+        return torch.cat(views).contiguous(memory_format=torch.channels_last), weights
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.training or not (self.config.tta_flip or self.config.tta_translate):
+            return self.logits(images)
+        # Every test-time view goes through the network in one batch: (V·B, C, H, W) keeps the
+        # convolutions busy where V passes of a small batch would mostly pay per-call overhead.
+        batch, weights = self._test_time_views(images)
+        logits = self.logits(batch).view(len(weights), images.shape[0], -1)  # (V, B, classes)
         weight = torch.tensor(weights, dtype=logits.dtype, device=logits.device).view(-1, 1, 1)
         return (logits * weight).sum(dim=0)  # (B, classes)
+
+    def head_features(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) → (B, width)
+        """What the head reads, averaged over the test-time views as ``forward`` averages logits
+        (the head is linear, so a head fitted on these gives ``forward``'s logits exactly)."""
+        batch, weights = self._test_time_views(images) if not self.training else (images, [1.0])
+        features = self.pooled(batch).view(len(weights), images.shape[0], -1)  # (V, B, width)
+        weight = torch.tensor(weights, dtype=features.dtype, device=features.device).view(-1, 1, 1)
+        return (features * weight).sum(dim=0) * self.config.logit_scale  # (B, width)
+
+    def set_head(self, weight: torch.Tensor) -> None:
+        """Install a head fitted on ``head_features``: logits = head_features @ weight.T."""
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
 
 
 @register_model("fastconv", FastConvConfig)

@@ -63,6 +63,8 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
         limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
         refit_full=getattr(args, "refit_full", False), calibration_from=getattr(args, "calibration_from", None),
+        freeze=getattr(args, "freeze", "auto"), class_weights=getattr(args, "class_weights", "auto"),
+        calibration_folds=getattr(args, "calibration_folds", "auto"),
     ))
 
 
@@ -97,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--data", type=Path, required=True, help="ImageFolder tree: one folder per class")
     finetune.add_argument("--output", type=Path, required=True)
     finetune.add_argument("--name")
+    finetune.add_argument("--freeze", choices=["auto", "backbone", "none"], default="auto",
+                          help="keep the pretrained backbone fixed and fit only the classifier (auto: when the median "
+                               "class has fewer than 500 images)")
+    finetune.add_argument("--class-weights", choices=["auto", "balanced", "none"], default="auto",
+                          help="weight classes inversely to their size (auto: when the largest outnumbers the "
+                               "smallest by more than 1.5×)")
+    finetune.add_argument("--calibration-folds", default="auto", metavar="K|auto",
+                          help="calibrate and validate on K-fold out-of-fold predictions of every image, then train "
+                               "on all (auto: 5 folds when the validation split would hold under 500 images; 0: the split)")
     add_loop_arguments(finetune)
     finetune.set_defaults(handler=_image_command)
 

@@ -29,7 +29,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
         sentence_from=args.sentence_from, sentence_scorer=ScorerOptions(C=args.sentence_C, folds=args.folds),
         text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
         device=args.device, name=args.name, limit=args.limit, refit_full=args.refit_full,
-        command=args.command_line,
+        calibration_folds=args.calibration_folds, command=args.command_line,
     ))
 
 
@@ -60,7 +60,7 @@ def add_commands(commands: Any) -> None:
     finetune.add_argument("--epochs", type=int)
     finetune.add_argument("--lr", type=float)
     finetune.add_argument("--weight-decay", type=float)
-    finetune.add_argument("--batch-size", type=int, default=64)
+    finetune.add_argument("--batch-size", type=int, help="default 64, smaller for small data")
     finetune.add_argument("--modality-dropout", type=float, default=0.3,
                           help="probability that a training pair loses its image or its text (never both)")
     finetune.add_argument("--class-weighting", choices=["none", "sqrt", "balanced"],
@@ -84,6 +84,9 @@ def add_commands(commands: Any) -> None:
     finetune.add_argument("--refit-full", action="store_true",
                           help="late: validate and calibrate on the split, then fit the same recipe again on every "
                                "pair and ship that model (with the split run's temperature and metrics)")
+    finetune.add_argument("--calibration-folds", default="auto", metavar="K|auto",
+                          help="late: validate and calibrate on K-fold out-of-fold predictions of every pair, then refit "
+                               "on all (auto: 5 folds when the validation split would hold under 500 pairs; 0: the split)")
     finetune.set_defaults(handler=_finetune)
 
     study = commands.add_parser("fusion-study", help="image / text / late / joint, transferred vs scratch, 3 seeds")

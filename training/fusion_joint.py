@@ -15,7 +15,15 @@ from torch import nn
 
 from models.fusion import JointFusionClassifier, JointFusionConfig
 from models.text_encoding import pad_batch
-from training.fusion_prep import JOINT_TEXT_TOKENS, FusionOptions, Prepared, drop_modalities, loop_config, presence
+from training.fusion_prep import (
+    DEFAULT_BATCH_SIZE,
+    JOINT_TEXT_TOKENS,
+    FusionOptions,
+    Prepared,
+    drop_modalities,
+    loop_config,
+    presence,
+)
 from training.fusion_transfer import init_joint
 from training.image_data import augment, normalize
 from training.loop import Batch, fit, predict_logits, seeded_generator
@@ -76,7 +84,8 @@ def train_joint(model: JointFusionClassifier, prep: Prepared, options: FusionOpt
                 device: torch.device) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
     config = loop_config(dataclasses.replace(options, seed=seed), prep.data.labels[prep.train_idx], len(prep.data.classes))
     max_tokens = model.config.max_text_tokens
-    source = _JointBatches(prep, options.modalities, options.batch_size, seed, options.modality_dropout, max_tokens)
+    source = _JointBatches(prep, options.modalities, options.batch_size or DEFAULT_BATCH_SIZE, seed, options.modality_dropout,
+                           max_tokens)
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_logits(m, joint_eval_batches(prep, prep.val_idx, options.modalities, max_tokens), device, "fp32")

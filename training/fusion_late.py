@@ -27,7 +27,7 @@ from torch import nn
 from models.fusion import LateFusionClassifier, LateFusionConfig
 from models.image_cnn import FastConvConfig
 from models.text_encoding import pad_batch
-from training.fusion_prep import FusionOptions, Prepared, drop_modalities, loop_config, presence
+from training.fusion_prep import DEFAULT_BATCH_SIZE, FusionOptions, Prepared, drop_modalities, loop_config, presence
 from training.fusion_sentence import sentence_embeddings
 from training.fusion_stacking import fit_scorer, load_linear, out_of_fold_scores
 from training.fusion_text import build_bag, feature_matrix
@@ -182,7 +182,8 @@ def train_late_head(encoded: LateEncoded, prep: Prepared, options: FusionOptions
                 layer.reset_parameters()
     head = _FusionHead(model)
     config = loop_config(dataclasses.replace(options, seed=seed), prep.data.labels[prep.train_idx], len(prep.data.classes))
-    source = _HeadBatches(encoded, prep, options.modalities, options.batch_size, seed, options.modality_dropout)
+    source = _HeadBatches(encoded, prep, options.modalities, options.batch_size or DEFAULT_BATCH_SIZE, seed,
+                          options.modality_dropout)
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_logits(m, _head_eval_batches(encoded, prep, prep.val_idx, options.modalities), device, "fp32")

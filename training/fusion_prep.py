@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
+from training.adaptive import stratified_folds
 from training.fusion_data import PairDataset, load_pairs
 from training.fusion_sentence import SentenceSource, load_sentence_source
 from training.fusion_stacking import ScorerOptions
@@ -36,6 +37,9 @@ LATE_IMAGE_SIZE = 32  # the CIFAR filters' scale; features of 64×64 photos meas
 SENTENCE_C = 0.3  # the sentence scorer's L2: +0.5 points and +0.006 macro-F1 over C = 1 on five validation splits
 
 
+DEFAULT_BATCH_SIZE = 64  # the recipes' batch, shrunk for small data (training.adaptive)
+
+
 @dataclasses.dataclass
 class FusionOptions:
     data: Path
@@ -50,7 +54,7 @@ class FusionOptions:
     seed: int = 0
     epochs: int | None = None
     lr: float | None = None
-    batch_size: int = 64
+    batch_size: int | None = 64  # None: adapted to the data (finetune-fusion's default)
     weight_decay: float | None = None
     modality_dropout: float = 0.3
     lexicon: bool = True  # late: the text side adds sentiment-lexicon features for the head
@@ -70,6 +74,10 @@ class FusionOptions:
     # late: after validating and calibrating on the split, fit everything again on every pair (the split's
     # validation pairs join the training rows; they stay in ``val_idx`` only for the code paths that need rows)
     refit_full: bool = False
+    # late: calibrate and validate on K-fold out-of-fold predictions of every pair, then refit on all of
+    # them (auto: when the validation split would be too small; training.adaptive); 0: the split
+    calibration_folds: int | str = "auto"
+    fold: int | None = None  # with calibration_folds K: this fold is the validation set (internal)
     command: str = ""
 
 
@@ -138,7 +146,11 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
         data = load_pairs(options.data, image_size)
     elif tuple(data.images.shape[2:]) != (image_size, image_size):
         raise ValueError(f"the reused data has {tuple(data.images.shape[2:])} images, this run needs {image_size}")
-    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.split_seed)
+    if options.fold is not None:
+        fold_of = stratified_folds(data.labels, int(options.calibration_folds), options.split_seed)
+        train_idx, val_idx = torch.nonzero(fold_of != options.fold).flatten(), torch.nonzero(fold_of == options.fold).flatten()
+    else:
+        train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.split_seed)
     if options.limit:
         order = torch.randperm(len(train_idx), generator=seeded_generator(options.split_seed))
         train_idx = train_idx[order[: options.limit]].sort().values

@@ -18,10 +18,11 @@ from torch import nn
 
 from models.checkpoint import new_manifest
 from models.sentence_encoder import SENTENCE_VOCAB_FILE
+from training.adaptive import adapt_batch_size, check_enough_examples, resolve_folds
 from training.common import finish_checkpoint, pick_device
 from training.fusion_joint import build_joint, joint_eval_batches, train_joint
 from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import ARCHITECTURES, RECIPES, FusionOptions, Prepared, metrics_by_modality, prepare
+from training.fusion_prep import ARCHITECTURES, DEFAULT_BATCH_SIZE, RECIPES, FusionOptions, Prepared, metrics_by_modality, prepare
 from training.loop import predict_logits
 from training.metrics import classification_metrics
 
@@ -83,15 +84,34 @@ def extra_files(prep: Prepared) -> dict[str, bytes]:
 
 def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
     """``finetune-fusion``: prepare, train, calibrate, write the checkpoint; returns a summary."""
-    if options.output is None:
+    output = options.output
+    if output is None:
         raise ValueError("finetune-fusion needs --output")
     if options.refit_full and options.arch != "late":
         raise ValueError("--refit-full is for late fusion: joint fusion has no cheap second fit")
     device = pick_device(options.device)
-    prep = prepare(dataclasses.replace(options, refit_full=False))
+    prep = prepare(dataclasses.replace(options, refit_full=False, fold=None))
+    folds = 0
+    if options.arch == "late" and not options.limit:
+        folds = resolve_folds(options.calibration_folds, len(prep.data), options.validation_fraction)
+    elif options.calibration_folds not in (0, "0", "auto"):
+        raise ValueError("--calibration-folds is for late fusion on every pair (not joint, not with --limit)")
+    check_enough_examples(prep.data.labels, prep.data.classes, folds)
+    if options.batch_size is None:  # a few dozen pairs still make several batches an epoch
+        options = dataclasses.replace(options, batch_size=adapt_batch_size(DEFAULT_BATCH_SIZE, len(prep.train_idx)))
     model: nn.Module
     shipped = prep  # what the written model was fitted on: the split, or every pair after a refit
-    if options.arch == "late":
+    val_labels = prep.data.labels[prep.val_idx]
+    if folds:
+        options = dataclasses.replace(options, refit_full=True, calibration_folds=folds)
+        logits = _cross_fitted_late_logits(options, prep, folds)
+        val_labels = prep.data.labels
+        shipped = prepare(dataclasses.replace(options, fold=None), prep.image_parent, prep.text_parent, data=prep.data,
+                          token_lists=prep.token_lists, sentence=prep.sentence)
+        refit = build_late(shipped, options, options.seed)
+        history, _ = train_late_head(refit, shipped, options, options.seed, torch.device("cpu"))
+        model, copied = refit.model, refit.copied
+    elif options.arch == "late":
         encoded = build_late(prep, options, options.seed)
         history, logits = train_late_head(encoded, prep, options, options.seed, torch.device("cpu"))
         model, copied = encoded.model, encoded.copied
@@ -115,9 +135,8 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         joint, copied = build_joint(prep, options.seed)
         history, logits = train_joint(joint, prep, options, options.seed, device)
         model = joint
-    val_labels = prep.data.labels[prep.val_idx]
     manifest = new_manifest(
-        options.name or options.output.name, "multimodal", ARCHITECTURES[options.arch], model.config,  # type: ignore[arg-type]
+        options.name or output.name, "multimodal", ARCHITECTURES[options.arch], model.config,  # type: ignore[arg-type]
         classes=prep.data.classes, preprocessing=preprocessing_dict(shipped), data_fingerprint=prep.data.fingerprint,
         parent=parents(shipped, copied), training_command=options.command,
     )
@@ -125,7 +144,8 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         "by_modality": metrics_by_modality(logits, val_labels, prep.data.classes),
         "reference_tfidf_svm": tfidf_svm_reference(prep),
         "majority_accuracy": float(torch.bincount(val_labels).max() / len(val_labels)),
-        "train_pairs": len(shipped.train_idx), "validation_pairs": len(prep.val_idx), "split_seed": options.split_seed,
+        "train_pairs": len(shipped.train_idx), "validation_pairs": len(val_labels), "split_seed": options.split_seed,
+        "calibration_folds": folds,
         "modalities": list(options.modalities), "image_size": prep.image_size,
         "modality_dropout": options.modality_dropout,
         "class_weighting": options.class_weighting or RECIPES[options.arch]["class_weighting"],
@@ -134,14 +154,36 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
     }
     if prep.sentence is not None:
         extra["sentence_scorer"] = dataclasses.asdict(options.sentence_scorer)
-    if options.refit_full:
+    if folds:
+        extra["refit_full"] = True
+        extra["note"] = (f"measured on {folds}-fold out-of-fold predictions of every pair (each fold's model fitted on the "
+                         f"others), which the temperature is fitted on too; the shipped model is the same recipe fitted on "
+                         f"all {len(shipped.train_idx)} pairs; the TF-IDF reference is on one fold's split")
+    elif options.refit_full:
         extra["refit_full"] = True
         extra["note"] = (f"measured on the {len(prep.val_idx)} validation pairs by the same recipe and seed fitted on the "
                          f"other {len(prep.train_idx)} (whose temperature this model uses), before the refit on all "
                          f"{len(shipped.train_idx)} pairs; the shipped model has no held-out pairs of its own")
-    summary = finish_checkpoint(options.output, model, manifest, logits["fused"], val_labels, history,
+    summary = finish_checkpoint(output, model, manifest, logits["fused"], val_labels, history,
                                 extra_files=extra_files(shipped),
                                 extra_metrics=extra)
     summary["by_modality"] = extra["by_modality"]
     summary["reference_tfidf_svm"] = extra["reference_tfidf_svm"]
     return summary
+
+
+def _cross_fitted_late_logits(options: FusionOptions, prep: Prepared, folds: int) -> dict[str, torch.Tensor]:
+    """Out-of-fold logits of every pair (fused and by modality): fold k is scored by the late recipe
+    fitted on the other folds, vocabulary and scorers included."""
+    count, classes = len(prep.data), len(prep.data.classes)
+    logits: dict[str, torch.Tensor] = {}
+    for fold in range(folds):
+        fold_prep = prepare(dataclasses.replace(options, fold=fold, refit_full=False), prep.image_parent,
+                            prep.text_parent, data=prep.data, token_lists=prep.token_lists, sentence=prep.sentence)
+        encoded = build_late(fold_prep, options, options.seed)
+        _, fold_logits = train_late_head(encoded, fold_prep, options, options.seed, torch.device("cpu"))
+        for name, values in fold_logits.items():
+            logits.setdefault(name, torch.empty(count, classes))[fold_prep.val_idx] = values
+        accuracy = float((fold_logits["fused"].argmax(dim=1) == prep.data.labels[fold_prep.val_idx]).float().mean())
+        logger.info("fold %d/%d: %d held-out pairs, accuracy %.4f", fold + 1, folds, len(fold_prep.val_idx), accuracy)
+    return logits

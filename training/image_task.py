@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.checkpoint import Manifest, load_checkpoint, new_manifest, read_manifest, save_checkpoint, sha256_file
+from models.checkpoint import Manifest, new_manifest, read_manifest, save_checkpoint, sha256_file
+from training.adaptive import adapt_batch_size, adapt_epochs, check_enough_examples
 from training.common import code_version, command_line, finish_checkpoint, lineage, pick_device
 from training.image_data import ImageDataset, augment, channel_stats, load_image_folder, normalize, stratified_split
 from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
@@ -117,6 +118,10 @@ class ImageRunOptions:
     # from ``calibration_from``: the same recipe and seed, trained with the split and validated on it.
     refit_full: bool = False
     calibration_from: Path | None = None
+    # Fine-tuning (see training.adaptive): auto picks by the size of the data.
+    freeze: str = "auto"  # auto | backbone | none
+    class_weights: str = "auto"  # auto | balanced | none
+    calibration_folds: int | str = "auto"  # auto | 0 (validation split) | K
 
 
 def _tuning_run(options: ImageRunOptions, architecture: str, fingerprint: str) -> Manifest:
@@ -162,6 +167,11 @@ def _recipe(options: ImageRunOptions, architecture: str, transfer: bool) -> tupl
     return LoopConfig(seed=options.seed, **{k: v for k, v in recipe.items() if k in loop_fields}), batch_size, flip
 
 
+def recipe_for_finetune(options: ImageRunOptions, architecture: str) -> tuple[LoopConfig, int, str]:
+    """The architecture's recipe for fine-tuning (a gentler rate): (loop, batch size, flip mode)."""
+    return _recipe(options, architecture, transfer=True)
+
+
 def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     device = pick_device(options.device)
     torch.manual_seed(options.seed)  # model initialisation is part of the reproducible run
@@ -170,26 +180,23 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         if options.parent is not None:
             raise ValueError("--refit-full is for pretrain-image (from scratch), not for fine-tuning")
         return _refit_full(options, data, device)
+    if options.parent is not None:
+        from training.image_finetune import run_image_finetune
+
+        return run_image_finetune(options, data, device)
+    check_enough_examples(data.labels, data.classes)
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
     if options.limit:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
     train, validation = data.subset(train_idx), data.subset(val_idx)
-    parent_manifest = None
-    if options.parent is not None:
-        loaded = load_checkpoint(options.parent)
-        model, parent_manifest = loaded.model, loaded.manifest
-        if parent_manifest.task != "image":
-            raise ValueError(f"{options.parent} is a {parent_manifest.task} checkpoint, not an image one")
-        architecture = parent_manifest.architecture
-        mean, std = parent_manifest.preprocessing["mean"], parent_manifest.preprocessing["std"]
-        if parent_manifest.classes != data.classes:
-            cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
-    else:
-        architecture = options.architecture
-        model, mean, std = _new_model(options, data.classes, train.images)
+    architecture = options.architecture
+    model, mean, std = _new_model(options, data.classes, train.images)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loop, batch_size, flip = _recipe(options, architecture, transfer=options.parent is not None)
+    loop, batch_size, flip = _recipe(options, architecture, transfer=False)
+    batch_size = options.batch_size or adapt_batch_size(batch_size, len(train))
     source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
+    if "epochs" not in options.loop:
+        loop = dataclasses.replace(loop, epochs=adapt_epochs(loop.epochs, source.steps_per_epoch(), min_total_steps=0))
     state_dir = options.output.parent / f".{options.output.name}.train-state"
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +221,6 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         classes=data.classes,
         preprocessing={"kind": "image", "size": 32, "mean": mean, "std": std, "color": "RGB", "resize": "bilinear"},
         data_fingerprint=data.fingerprint,
-        parent=lineage(options.parent),
         training_command=options.command,
     )
     extra = {"train_images": len(train), "validation_images": len(validation),

@@ -158,6 +158,16 @@ def load_training_state(directory: Path, model: nn.Module, optimizer: torch.opti
 
 # ---- the loop --------------------------------------------------------------------------------
 
+def keep_frozen_norm_statistics(model: nn.Module) -> None:
+    """Batch norms whose parameters are frozen keep their running statistics (eval mode) in training:
+    a frozen backbone must compute the features it was trained with, not a small batch's."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            parameters = list(module.parameters())
+            if parameters and not any(p.requires_grad for p in parameters):
+                module.eval()
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module, batches: Iterator[Batch], device: torch.device, precision: str = "auto"
@@ -210,6 +220,7 @@ def fit(
     while progress["epoch"] < config.epochs:
         epoch = progress["epoch"]
         model.train()
+        keep_frozen_norm_statistics(model)
         started = time.perf_counter() - progress.get("epoch_seconds", 0.0)
         loss_sum, correct, seen = progress.get("loss_sum", 0.0), progress.get("correct", 0), progress.get("seen", 0)
         bar = tqdm(range(progress["step"], steps_per_epoch), desc=f"{description} {epoch + 1}/{config.epochs}",

@@ -47,7 +47,7 @@ def _options(args: argparse.Namespace, architecture: str, parent: Path | None = 
         batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
         device=args.device, name=args.name, parent=parent, freeze=freeze, label_fraction=args.label_fraction,
         limit=args.limit, stop_after_steps=args.stop_after_steps, refit_full=getattr(args, "refit_full", False),
-        calibration_folds=getattr(args, "calibration_folds", 0) or 0,
+        calibration_folds=args.calibration_folds, class_weights=args.class_weights,
     )
 
 
@@ -87,6 +87,12 @@ def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-freq", type=int, help="vocabulary: minimum token count in the training posts")
     parser.add_argument("--max-vocab", type=int, help="vocabulary: most ids in all (with <pad> and <unk>)")
     parser.add_argument("--label-fraction", type=float, default=1.0, help="train on this stratified share of labels")
+    parser.add_argument("--calibration-folds", default="auto", metavar="K|auto",
+                        help="validate and calibrate on K-fold out-of-fold predictions of every post, then refit on "
+                             "all of them (auto: 5 folds when the validation split would hold under 500 posts; 0: the split)")
+    parser.add_argument("--class-weights", choices=["auto", "balanced", "none"], default="auto",
+                        help="weight classes inversely to their size (auto: when the largest outnumbers the smallest "
+                             "by more than 1.5×)")
     add_loop_arguments(parser)
 
 
@@ -101,10 +107,7 @@ def add_commands(commands: Any) -> None:
         train.add_argument("--C", type=float, help="ngram_bag: inverse regularisation strength")
         train.add_argument("--max-char-ngrams", type=int, help="ngram_bag: character n-gram features (0: none)")
         train.add_argument("--refit-full", action="store_true",
-                           help="ngram_bag: validate and calibrate on the split, then refit on every post")
-        train.add_argument("--calibration-folds", type=int, default=0, metavar="K",
-                           help="with --refit-full: validate and calibrate on K-fold out-of-fold predictions of "
-                                "every post instead of the validation split (K fits more; steadier temperature)")
+                           help="validate and calibrate on the split, then refit on every post")
         train.set_defaults(handler=_train_command)
 
     finetune = commands.add_parser("finetune-text", help="text trunk model initialised from an image trunk checkpoint")

@@ -39,6 +39,7 @@ class NgramOptions:
     weight_dtype: str = "float32"  # float16 halves the checkpoint
     C: float = 1.0
     batch_size: int = 512
+    class_weight: str | None = None  # "balanced": classes weighted inversely to their size
 
 
 def char_ngrams(word: str, low: int, high: int) -> list[str]:
@@ -154,9 +155,9 @@ def fit_ngram_model(model: NgramBagClassifier, id_lists: Sequence[Sequence[int]]
     y = labels.numpy()
     classifier: Any
     if options.classifier == "svm":
-        classifier = LinearSVC(C=options.C, random_state=seed)
+        classifier = LinearSVC(C=options.C, class_weight=options.class_weight, random_state=seed)
     elif options.classifier == "logreg":
-        classifier = LogisticRegression(C=options.C, max_iter=1000, random_state=seed)
+        classifier = LogisticRegression(C=options.C, class_weight=options.class_weight, max_iter=1000, random_state=seed)
     else:
         raise ValueError(f"unknown classifier {options.classifier!r} (svm or logreg)")
     classifier.fit(matrix, y)

@@ -26,6 +26,14 @@ from models.checkpoint import Manifest, load_state_dict, new_manifest, read_mani
 from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
 from models.text_models import NgramBagClassifier, signed_power
 from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
+from training.adaptive import (
+    adapt_batch_size,
+    adapt_epochs,
+    check_enough_examples,
+    resolve_class_weights,
+    resolve_folds,
+    stratified_folds,
+)
 from training.calibration import fit_score_power
 from training.common import finish_checkpoint, lineage, pick_device
 from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
@@ -78,8 +86,11 @@ class TextRunOptions:
     label_fraction: float = 1.0
     limit: int | None = None
     stop_after_steps: int | None = None
-    refit_full: bool = False  # ngram_bag: after validating, refit on every post with the same settings
-    calibration_folds: int = 0  # with refit_full: calibrate and validate on K-fold out-of-fold logits
+    refit_full: bool = False  # after validating, refit on every post with the same settings
+    # Calibrate and validate on K-fold out-of-fold logits, then refit on every post; auto: by data size
+    # (training.adaptive), 0: one validation split.
+    calibration_folds: int | str = "auto"
+    class_weights: str = "auto"  # auto | balanced | none
 
 
 @dataclasses.dataclass
@@ -162,19 +173,6 @@ def prepare_split(options: TextRunOptions, data: TextDataset, preprocessing: Tex
         [vocabulary.lookup(t) for t in train_tokens], data.labels[train_idx],
         [vocabulary.lookup(tokens[i]) for i in val_idx.tolist()], data.labels[val_idx], train_idx, val_idx,
     )
-
-
-def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
-    """The fold (0 … folds−1) of every example: each class dealt round-robin after a seeded shuffle."""
-    if folds < 2:
-        raise ValueError(f"cross-fitting needs at least 2 folds, got {folds}")
-    generator = torch.Generator().manual_seed(seed)
-    fold_of = torch.empty(len(labels), dtype=torch.long)
-    for label in labels.unique():
-        members = torch.nonzero(labels == label).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        fold_of[members] = torch.arange(len(members)) % folds
-    return fold_of
 
 
 def cross_fitted_logits(options: TextRunOptions, prepared: PreparedText, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +260,9 @@ def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir:
     recipe = recipe_for(options.architecture)
     started = time.perf_counter()
     if options.architecture == "ngram_bag":
-        ngram = NgramOptions(**{**recipe.get("ngram", {}), **options.ngram})
+        weights = resolve_class_weights(options.class_weights, prepared.train_labels, len(prepared.data.classes))
+        ngram = NgramOptions(**{**recipe.get("ngram", {}), **options.ngram,
+                                **({"class_weight": "balanced"} if weights is not None else {})})
         header_prefixes = tuple(f"{f}:" for f in prepared.preprocessing.header_fields)
         model: nn.Module = build_ngram_model(prepared.train_ids, prepared.vocabulary.itos, len(prepared.data.classes),
                                              ngram, prepared.preprocessing.max_tokens, header_prefixes)
@@ -275,11 +275,15 @@ def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir:
     loop_values = {**recipe.get("loop", {}), **options.loop}
     if options.architecture == "trunk" and options.parent is not None and "lr" not in options.loop:
         loop_values["lr"] = TRUNK_LR_BY_FREEZE[options.freeze]
-    batch_size = int(options.batch_size or loop_values.pop("batch_size", 64))
+    batch_size = int(options.batch_size or adapt_batch_size(loop_values.pop("batch_size", 64), len(prepared.train_ids)))
     loop_values.pop("batch_size", None)
+    loop_values["class_weights"] = resolve_class_weights(options.class_weights, prepared.train_labels,
+                                                         len(prepared.data.classes))
     loop = LoopConfig(seed=options.seed, **{k: v for k, v in loop_values.items() if k in LOOP_FIELDS})
     source = TextBatches(model, prepared.train_ids, prepared.train_labels, batch_size, options.seed,
                          prepared.preprocessing.max_tokens)
+    if options.batch_size is None and "epochs" not in options.loop:  # the study fixes both; a user's small set adapts
+        loop = dataclasses.replace(loop, epochs=adapt_epochs(loop.epochs, source.steps_per_epoch()))
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return predict_logits(m, evaluation_batches(m, prepared.val_ids, prepared.val_labels,
@@ -302,21 +306,25 @@ def validation_logits(model: nn.Module, prepared: PreparedText, device: str = "a
 
 def run_text_training(options: TextRunOptions) -> dict[str, Any]:
     """Prepare, train, calibrate on validation and write the checkpoint (with ``vocab.json``)."""
-    if options.output is None:
+    output = options.output
+    if output is None:
         raise ValueError("an output checkpoint directory is needed")
     if options.parent is not None:  # fail before tokenising anything
         check_transfer_source(read_manifest(options.parent), options.parent)
-    if (options.refit_full or options.calibration_folds) and (
-            options.architecture != "ngram_bag" or options.label_fraction < 1.0 or options.limit):
-        raise ValueError("--refit-full and --calibration-folds are for the ngram_bag recipe on all labels")
-    if options.calibration_folds and not options.refit_full:
-        raise ValueError("--calibration-folds calibrates the --refit-full model; add --refit-full")
+    subsampled = options.label_fraction < 1.0 or bool(options.limit)
+    if (options.refit_full or options.calibration_folds not in (0, "auto")) and subsampled:
+        raise ValueError("--refit-full and --calibration-folds train on every label (not with --label-fraction or --limit)")
     prepared = prepare_text_run(options)
-    state_dir = options.output.parent / f".{options.output.name}.train-state"
+    folds = 0 if subsampled and options.calibration_folds == "auto" else resolve_folds(
+        options.calibration_folds, len(prepared.data), options.validation_fraction)
+    check_enough_examples(prepared.data.labels, prepared.data.classes, folds)
+    # Cross-fitting calibrates the model refit on every post: the folds' models are not shipped.
+    options = dataclasses.replace(options, calibration_folds=folds, refit_full=options.refit_full or folds > 0)
+    state_dir = output.parent / f".{output.name}.train-state"
     started = time.perf_counter()
-    if options.calibration_folds:
-        val_logits, val_labels = cross_fitted_logits(options, prepared, options.calibration_folds)
-        details: dict[str, Any] = {"calibration_data": f"{options.calibration_folds}-fold out-of-fold logits of every post"}
+    if folds:
+        val_logits, val_labels = cross_fitted_logits(options, prepared, folds)
+        details: dict[str, Any] = {"calibration_data": f"{folds}-fold out-of-fold logits of every post"}
     else:
         model, history, details = train_text_model(options, prepared, state_dir)
         if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
@@ -324,7 +332,7 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
         val_logits, val_labels = validation_logits(model, prepared, options.device), prepared.val_labels
     if options.refit_full:
         # Validation metrics and the temperature stay those of the held-out fits above; the shipped
-        # weights are the same recipe refit on every post (a convex fit: no epochs to choose).
+        # weights are the same recipe refit on every post.
         held_out = len(val_labels)
         prepared = prepare_full_refit(options, prepared)
         model, history, refit = train_text_model(options, prepared, state_dir)
@@ -339,7 +347,7 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
         logger.info("calibration: scores raised to the power %.1f before temperature scaling", power)
     config = getattr(model, "config", None)
     manifest = new_manifest(
-        options.name or options.output.name, "text", options.architecture, config,
+        options.name or output.name, "text", options.architecture, config,
         classes=prepared.data.classes,
         preprocessing=prepared.preprocessing.to_dict(),
         data_fingerprint=prepared.data.fingerprint,
@@ -349,10 +357,10 @@ def run_text_training(options: TextRunOptions) -> dict[str, Any]:
              "validation_posts": len(prepared.val_ids),
              "vocabulary_size": len(prepared.vocabulary), "label_fraction": options.label_fraction,
              "split_seed": options.split_seed, "validation_fraction": options.validation_fraction,
-             "calibration_folds": options.calibration_folds, **details}
-    if options.calibration_folds:
+             "calibration_folds": folds, "class_weights": options.class_weights, **details}
+    if folds:
         extra.update(train_posts=len(prepared.train_ids), validation_fraction=0.0)
-    summary = finish_checkpoint(options.output, model, manifest, val_logits, val_labels, history,
+    summary = finish_checkpoint(output, model, manifest, val_logits, val_labels, history,
                                 extra_files={prepared.preprocessing.vocab_file: prepared.vocabulary.to_json_bytes()},
                                 extra_metrics=extra)
     discard_training_state(state_dir)

@@ -2,51 +2,18 @@
 
 from __future__ import annotations
 
-import json
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+from datakit import extract_pairs_subset
 from sentencekit import write_sentence_source
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-ARCHIVE = SHARED_DATA / "mvsa-pairs-train.tar.gz"
 SUBSET_PAIRS = 600
-
-
-def extract_pairs_subset(destination: Path, pairs: int) -> Path:
-    """The first ``pairs`` pairs (by image order in the archive) of the shared paired training data."""
-    if not ARCHIVE.is_file():
-        pytest.skip(f"shared data missing: {ARCHIVE}")
-    images: dict[str, bytes] = {}
-    lines: list[str] = []
-    with tarfile.open(ARCHIVE) as tar:
-        for member in tar:
-            path = Path(member.name)
-            if not member.isfile():
-                continue
-            source = tar.extractfile(member)
-            assert source is not None
-            if path.name == "train.jsonl":
-                lines = source.read().decode("utf-8").splitlines()
-            elif path.parent.name == "images" and len(images) < pairs:
-                images[path.stem] = source.read()
-            if lines and len(images) >= pairs:
-                break
-    (destination / "images").mkdir(parents=True)
-    kept = []
-    for line in lines:
-        row = json.loads(line)
-        if row["id"] in images:
-            (destination / "images" / f"{row['id']}.jpg").write_bytes(images[row["id"]])
-            kept.append(line)
-    (destination / "train.jsonl").write_text("\n".join(kept) + "\n")
-    return destination
 
 
 @pytest.fixture(scope="session")

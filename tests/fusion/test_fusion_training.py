@@ -20,7 +20,7 @@ def test_late_fusion_beats_the_majority_class_and_writes_a_servable_checkpoint(
     output = tmp_path / "fusion"
     assert main(["finetune-fusion", "--data", str(pairs_subset), "--output", str(output), "--image-from",
                  str(fastconv_checkpoint), "--text-from", str(ngram_text_checkpoint), "--epochs", "15",
-                 "--folds", "3", "--class-weighting", "sqrt"]) == 0
+                 "--folds", "3", "--class-weighting", "sqrt", "--calibration-folds", "0"]) == 0
     loaded = load_checkpoint(output)
     manifest = loaded.manifest
     validation = manifest.metrics["validation"]
@@ -59,7 +59,7 @@ def test_a_full_refit_learns_from_the_validation_pairs_and_keeps_the_split_runs_
     from training.image_data import stratified_split
 
     common = ["--data", str(pairs_subset), "--image-from", str(fastconv_checkpoint), "--text-from",
-              str(ngram_text_checkpoint), "--epochs", "3", "--folds", "2"]
+              str(ngram_text_checkpoint), "--epochs", "3", "--folds", "2", "--calibration-folds", "0"]
     assert main(["finetune-fusion", "--output", str(tmp_path / "split"), *common]) == 0
     assert main(["finetune-fusion", "--output", str(tmp_path / "refit"), "--refit-full", *common]) == 0
     split, refit = load_checkpoint(tmp_path / "split").manifest, load_checkpoint(tmp_path / "refit").manifest

@@ -2,38 +2,11 @@
 
 from __future__ import annotations
 
-import tarfile
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-NEWS_CLASSES = ("comp.graphics", "rec.sport.hockey", "sci.space", "talk.religion.misc")
-
-
-def extract_news_subset(destination: Path, per_class: int, classes: tuple[str, ...] = NEWS_CLASSES) -> Path:
-    """The first ``per_class`` posts of each of ``classes`` from the shared bydate training archive."""
-    archive = SHARED_DATA / "20news-bydate-train.tar.gz"
-    if not archive.is_file():
-        pytest.skip(f"shared data missing: {archive}")
-    taken: dict[str, int] = defaultdict(int)
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-2] not in classes or taken[parts[-2]] >= per_class:
-                continue
-            taken[parts[-2]] += 1
-            target = destination / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None
-            target.write_bytes(source.read())
-            if len(taken) == len(classes) and all(count >= per_class for count in taken.values()):
-                break
-    return destination
+from datakit import extract_news_subset
 
 
 @pytest.fixture(scope="session", autouse=True)

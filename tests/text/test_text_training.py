@@ -10,15 +10,15 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.text_encoding import load_text_encoder
+from training.adaptive import stratified_folds
 from training.cli import main
-from training.text_task import stratified_folds
 
 
 @pytest.fixture(scope="module")
 def ngram_checkpoint(news_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("runs") / "text-ngram"
     assert main(["train-text", "--data", str(news_subset), "--output", str(output), "--validation-fraction", "0.25",
-                 "--max-char-ngrams", "20000"]) == 0
+                 "--max-char-ngrams", "20000", "--calibration-folds", "0"]) == 0
     return output
 
 
@@ -83,5 +83,6 @@ def test_cross_fitted_calibration_scores_every_post_out_of_fold(news_subset: Pat
     assert 0.6 < validation["accuracy"] < 1.0 and validation["calibration_folds"] == 3
     assert manifest.calibration["nll_after"] <= manifest.calibration["nll_before"]
     assert manifest.config["score_power"] == validation["score_power"] >= 1.0  # fitted with the temperature
-    assert main(["train-text", "--data", str(news_subset), "--output", str(tmp_path / "x"), "--calibration-folds", "3"]) == 2
-    assert "add --refit-full" in capsys.readouterr().err
+    assert main(["train-text", "--data", str(news_subset), "--output", str(tmp_path / "x"), "--calibration-folds", "3",
+                 "--label-fraction", "0.5"]) == 2
+    assert "train on every label" in capsys.readouterr().err

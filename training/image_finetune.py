@@ -1,0 +1,185 @@
+"""Fine-tuning an image checkpoint on a user's own folder, with the recipe adapted to its size.
+
+Small data (the median class under a few hundred images): the pretrained backbone stays frozen
+and the new classifier is a logistic regression on its features, calibrated on out-of-fold
+predictions of every image (``training.head_fit``). Larger data: the whole network trains through
+the shared loop with the batch size, epochs and learning rate scaled to the data, and calibration
+on K-fold out-of-fold logits (small sets) or a validation split (large ones). What was chosen is
+recorded in the manifest's metrics under ``plan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import nn
+
+from models.checkpoint import load_checkpoint, new_manifest
+from training.adaptive import (
+    DEFAULT_FOLDS,
+    DataPlan,
+    adapt_batch_size,
+    adapt_epochs,
+    check_enough_examples,
+    resolve_class_weights,
+    resolve_folds,
+    resolve_freeze,
+    stratified_folds,
+)
+from training.common import finish_checkpoint, lineage
+from training.head_fit import cross_fit_head
+from training.image_data import ImageDataset, normalize, stratified_split
+from training.loop import discard_training_state, fit, predict_logits, seeded_generator
+
+if TYPE_CHECKING:
+    from training.image_task import ImageRunOptions
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Freeze every parameter but the classifier's (``head`` or ``classifier``'s last layer); returns how many."""
+    head = getattr(model, "head", None)
+    if head is None:
+        classifier = getattr(model, "classifier", None)
+        head = classifier[-1] if isinstance(classifier, nn.Sequential) else classifier
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no classifier layer to train alone; use --freeze none")
+    trainable = {id(p) for p in head.parameters()}
+    frozen = 0
+    for parameter in model.parameters():
+        if id(parameter) not in trainable:
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+@torch.inference_mode()
+def head_features(model: nn.Module, data: ImageDataset, mean: list[float], std: list[float],
+                  batch_size: int = 500) -> torch.Tensor:
+    """(N, D) features the classifier reads, over the model's test-time views, in eval mode."""
+    model.eval()
+    chunks = []
+    for start in range(0, len(data), batch_size):
+        images = normalize(data.images[start:start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+        chunks.append(cast(Any, model).head_features(images).float())
+    return torch.cat(chunks)
+
+
+def plan_finetune(options: ImageRunOptions, data: ImageDataset) -> DataPlan:
+    folds = resolve_folds(options.calibration_folds, len(data), options.validation_fraction)
+    counts = check_enough_examples(data.labels, data.classes, folds)
+    return DataPlan(examples=len(data), examples_per_class=counts, calibration_folds=folds,
+                    freeze=resolve_freeze(options.freeze, counts),
+                    class_weights=resolve_class_weights(options.class_weights, data.labels, len(data.classes)))
+
+
+def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: torch.device) -> dict[str, Any]:
+    loaded = load_checkpoint(cast(Any, options.parent))
+    parent = loaded.manifest
+    if parent.task != "image":
+        raise ValueError(f"{options.parent} is a {parent.task} checkpoint, not an image one")
+    if options.limit:
+        data = data.subset(torch.randperm(len(data), generator=seeded_generator(options.seed))[:options.limit].sort().values)
+    plan = plan_finetune(options, data)
+    mean, std = parent.preprocessing["mean"], parent.preprocessing["std"]
+    model = loaded.model
+    if parent.classes != data.classes:
+        cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    logger.info("fine-tuning plan: %d images (%s), %s, freeze %s", plan.examples,
+                ", ".join(f"{k} {v}" for k, v in plan.examples_per_class.items()),
+                f"{plan.calibration_folds}-fold cross-fitted calibration" if plan.calibration_folds else "validation split",
+                plan.freeze)
+    if plan.freeze == "backbone" and hasattr(model, "head_features"):
+        model.to(device)
+        features = head_features(model, data, mean, std)
+        folds = plan.calibration_folds or DEFAULT_FOLDS
+        head = cross_fit_head(features, data.labels, len(data.classes), folds, options.seed, plan.class_weights)
+        cast(Any, model).set_head(head.weight.to(device))
+        plan = dataclasses.replace(plan, calibration_folds=folds)
+        details: dict[str, Any] = {"method": "logistic regression on the frozen backbone's features", "l2": head.l2,
+                                   "train_images": len(data), "validation_images": len(data),
+                                   "validation": f"{folds}-fold out-of-fold predictions of every image"}
+        return _write(options, model, parent, data, head.out_of_fold_logits, data.labels, [], plan, details, mean, std)
+    if plan.freeze == "backbone":
+        frozen = freeze_backbone(model)
+        logger.info("backbone frozen: %d parameters", frozen)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    if plan.calibration_folds:
+        fold_of = stratified_folds(data.labels, plan.calibration_folds, options.seed)
+        logits = torch.empty(len(data), len(data.classes))
+        for fold in range(plan.calibration_folds):
+            model.load_state_dict(initial)
+            held = fold_of == fold
+            train, scored = data.subset(torch.nonzero(~held).flatten()), data.subset(torch.nonzero(held).flatten())
+            _train(options, parent.architecture, model, train, plan, device, mean, std, f"fold {fold + 1}")
+            logits[held], _ = predict_logits(model, _batches(scored, mean, std), device)
+        model.load_state_dict(initial)
+        history, details = _train(options, parent.architecture, model, data, plan, device, mean, std, "all")
+        details.update(train_images=len(data), validation_images=len(data),
+                       validation=f"{plan.calibration_folds}-fold out-of-fold predictions of every image")
+        return _write(options, model, parent, data, logits, data.labels, history, plan, details, mean, std)
+    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
+    train, validation = data.subset(train_idx), data.subset(val_idx)
+    history, details = _train(options, parent.architecture, model, train, plan, device, mean, std, "train", validation)
+    val_logits, val_labels = predict_logits(model, _batches(validation, mean, std), device)
+    details.update(train_images=len(train), validation_images=len(validation))
+    return _write(options, model, parent, data, val_logits, val_labels, history, plan, details, mean, std)
+
+
+def _batches(data: ImageDataset, mean: list[float], std: list[float], batch_size: int = 500):  # type: ignore[no-untyped-def]
+    for start in range(0, len(data), batch_size):
+        images = normalize(data.images[start:start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+        yield (images,), data.labels[start:start + batch_size]
+
+
+def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train: ImageDataset, plan: DataPlan,
+           device: torch.device, mean: list[float], std: list[float], label: str,
+           validation: ImageDataset | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
+    """The architecture's transfer recipe with batch size, epochs and learning rate scaled to ``train``."""
+    from training.image_task import ImageBatches, recipe_for_finetune
+
+    loop, recipe_batch_size, flip = recipe_for_finetune(options, architecture)
+    batch_size = options.batch_size or adapt_batch_size(recipe_batch_size, len(train))
+    if "lr" not in options.loop:  # linear scaling with the batch size
+        loop = dataclasses.replace(loop, lr=loop.lr * batch_size / recipe_batch_size)
+    source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
+    if "epochs" not in options.loop:
+        loop = dataclasses.replace(loop, epochs=adapt_epochs(loop.epochs, source.steps_per_epoch()))
+    loop = dataclasses.replace(loop, class_weights=plan.class_weights)
+    # named by data and seed too: a rerun on other data must not resume this one's folds
+    tag = f"{label.replace(' ', '-')}-{train.fingerprint[:12]}-seed{options.seed}"
+    state_dir = options.output.parent / f".{options.output.name}.train-state-{tag}"
+
+    def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        assert validation is not None
+        return predict_logits(m, _batches(validation, mean, std), device)
+
+    history = fit(model, source, loop, device=device, validate=validate if validation is not None else None,
+                  state_dir=state_dir, description=f"fine-tune ({label})")
+    discard_training_state(state_dir)
+    details = {"method": "fine-tuning through the training loop", "loop": dataclasses.asdict(loop),
+               "batch_size": batch_size, "flip": flip, "train_seconds": sum(row["seconds"] for row in history)}
+    return history, details
+
+
+def _write(options: ImageRunOptions, model: nn.Module, parent: Any, data: ImageDataset, val_logits: torch.Tensor,
+           val_labels: torch.Tensor, history: list[dict[str, float]], plan: DataPlan, details: dict[str, Any],
+           mean: list[float], std: list[float]) -> dict[str, Any]:
+    manifest = new_manifest(
+        options.name or options.output.name, "image", parent.architecture, cast(Any, model).config,
+        classes=data.classes,
+        preprocessing={**parent.preprocessing, "mean": mean, "std": std},
+        data_fingerprint=data.fingerprint,
+        parent=lineage(options.parent),
+        training_command=options.command,
+    )
+    extra = {**details, "plan": plan.to_dict(), "device": str(next(model.parameters()).device)}
+    summary = finish_checkpoint(options.output, model, manifest, val_logits, val_labels, history, extra_metrics=extra)
+    summary["plan"] = {"freeze": plan.freeze, "calibration_folds": plan.calibration_folds,
+                       "class_weights": plan.class_weights is not None}
+    return summary
