@@ -9,6 +9,7 @@ with a plain-text 500 that leaks nothing.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,19 +93,33 @@ def validation_message(errors: list[Any]) -> str:
     return "; ".join(messages) or "invalid request"
 
 
+MAX_REPORTED_ERRORS = 10  # a body with thousands of bad items gets the first few, not an answer larger than itself
+# an absolute path of two or more segments, not one of this service's URLs (``/v1/models`` stays as it is)
+_PATH = re.compile(r"(?<![\w.~/-])/(?!v1/)(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with each absolute file path cut to its last component: public answers name no paths."""
+    return _PATH.sub(r"\1", text)
+
+
 async def _service_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, ServiceError)
     if error.status_code >= 500:
         logger.warning("%s %s → %d: %s", request.method, request.url.path, error.status_code, error.detail)
-    return JSONResponse({"detail": error.detail}, error.status_code, headers=error.headers)
+    return JSONResponse({"detail": scrub_paths(error.detail)}, error.status_code, headers=error.headers)
 
 
 async def _validation_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, RequestValidationError)
-    errors = error.errors()
+    all_errors = error.errors()
+    errors = all_errors[:MAX_REPORTED_ERRORS]
     brief = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
              for e in errors]
-    body = {"detail": validation_message(list(errors)), "errors": jsonable_encoder(brief)}
+    detail = validation_message(list(errors))
+    if len(all_errors) > len(errors):
+        detail += f"; and {len(all_errors) - len(errors):,} more errors"
+    body = {"detail": detail, "errors": jsonable_encoder(brief)}
     return JSONResponse(body, 422)
 
 

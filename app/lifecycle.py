@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI
 
+from app.cpus import available_cpus
 from app.errors import Unavailable
 from app.metrics import InFlight
 from app.preprocess import configure_pillow
@@ -46,10 +46,19 @@ class Service:
         self.registry: ModelRegistry | None = None
         self.worker: InferenceWorker | None = None
         self.in_flight = InFlight()
-        self.preprocess_pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
-                                                  thread_name_prefix="preprocess")
+        # Decoding runs in threads, at most this many requests at once (the container's CPUs, not the
+        # node's); the rest wait in a bounded backlog, and past it are refused at once.
+        self.max_preparing = settings.max_preparing or max(2, available_cpus())
+        self.preprocess_pool = ThreadPoolExecutor(max_workers=self.max_preparing, thread_name_prefix="preprocess")
+        self._preparing_slots: asyncio.Semaphore | None = None  # made on the event loop
+        self._prepare_backlog = 0
         processes = settings.tokenizer_processes
-        self.tokenizer = TokenizerPool(default_processes() if processes is None else processes)
+        # A request caught in a stuck shared batch is retried alone: both tries (each the timeout plus
+        # its grace) must end before REQUEST_TIMEOUT, so a hostile text costs its sender a 422, never a 504.
+        tokenizer_timeout = min(settings.tokenizer_timeout, settings.request_timeout / 4)
+        self.tokenizer = TokenizerPool(default_processes() if processes is None else processes,
+                                       result_timeout_s=tokenizer_timeout, grace_s=min(5.0, tokenizer_timeout),
+                                       group_texts=settings.max_items_per_request)
         self.started_at = time.monotonic()
         self.ready_after_s: float | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -70,7 +79,35 @@ class Service:
         raise Unavailable(f"the models failed to load: {self.error}", retry_after_s=30)
 
     async def run_blocking(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.preprocess_pool, function, *args)
+        """``function(*args)`` in a preparation thread, once one of ``max_preparing`` is free (503 when
+        ``MAX_PREPARE_BACKLOG`` requests wait already). The slot is held until the function returns,
+        even when its request gives up first: a thread cannot be stopped, so it still counts."""
+        if self._preparing_slots is None:
+            self._preparing_slots = asyncio.Semaphore(self.max_preparing)
+        slots = self._preparing_slots
+        if slots.locked():
+            if self._prepare_backlog >= self.settings.max_prepare_backlog:
+                raise Unavailable(f"the server is busy: {self._prepare_backlog} requests are waiting to be decoded "
+                                  f"(MAX_PREPARE_BACKLOG={self.settings.max_prepare_backlog})")
+            self._prepare_backlog += 1
+            try:
+                await slots.acquire()
+            finally:
+                self._prepare_backlog -= 1
+        else:
+            await slots.acquire()
+        loop = asyncio.get_running_loop()
+        try:
+            running = self.preprocess_pool.submit(function, *args)
+        except BaseException:
+            slots.release()
+            raise
+        def release(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                loop.call_soon_threadsafe(slots.release)
+
+        running.add_done_callback(release)
+        return await asyncio.wrap_future(running)
 
     # ---- start ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The ASGI entry point: ``uvicorn app.main:app``. Builds the FastAPI app from the settings."""
+"""The ASGI app, ``app.main:app`` (launched by ``python -m app.serve``). Builds the FastAPI app from the settings."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.lifecycle import Service, lifespan
 from app.metrics import MetricsMiddleware
-from app.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, BodyRule, ConcurrencyLimitMiddleware, RequestIdMiddleware
 from app.openapi import install_openapi
-from app.routes import health, image, models, multimodal, text
+from app.routes import health, image, models, multimodal, page, text
 from app.routes.deps import require_api_key
+from app.routes.guarded import body_rules
 from app.settings import Settings
 
 
@@ -31,15 +32,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.include_router(health.router)  # health, readiness and metrics stay open
     # The API-key check guards /v1 only when keys are set: FastAPI resolves a dependency and its
-    # security schemes on every request, even to let it through (text at 64 clients without it:
-    # 376–503 against 362–462 req/s, interleaved), and without keys the OpenAPI document asks for none.
+    # security schemes on every request, even to let it through, and without keys OpenAPI asks for none.
     guard = [Depends(require_api_key)] if settings.api_key_set else []
     for router in (models.router, image.router, text.router, multimodal.router):
         app.include_router(router, dependencies=guard)
     install_error_handlers(app)
     install_openapi(app)
     install_docs(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.include_router(page.router)  # the page for people (GET /): open; the API calls it makes are guarded
+    app.add_middleware(BodyLimitMiddleware, default=BodyRule(settings.max_json_bytes, "MAX_JSON_BYTES"),
+                       rules=body_rules(app.routes, settings), body_timeout=settings.body_timeout)
+    app.add_middleware(ApiKeyMiddleware, keys=settings.api_key_set)  # before the body rules: 401 reads nothing
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.max_connections)  # first refusal; probes exempt
     app.add_middleware(MetricsMiddleware, in_flight=service.in_flight)
     app.add_middleware(RequestIdMiddleware)
     return app

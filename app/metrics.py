@@ -1,7 +1,9 @@
 """Prometheus metrics of the service (one process-wide set) and the ASGI middleware that counts requests.
 
 Request metrics are labelled by route template (``/v1/models/{name}``), never by raw path, so a
-client cannot grow the label set. Worker metrics separate time waiting in the queue from compute.
+client cannot grow the label set; a request answered before routing (401, 408, 413, 415, 503 from
+``app.middleware``, or 404) is labelled ``/v1/*`` when its path is under ``/v1/``, else ``unmatched``.
+Worker metrics separate time waiting in the queue from compute.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.middleware import route_path
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -29,10 +33,21 @@ COMPUTE = Histogram("crossmodal_batch_compute_seconds", "time to run one batch (
 BATCH_SIZE = Histogram("crossmodal_batch_size", "items per batch run by the worker", ["model"],
                        buckets=_BATCH_BUCKETS)
 ITEMS = Counter("crossmodal_items_total", "items answered by the worker, by outcome", ["model", "outcome"])
+TOKENIZER_RESTARTS = Counter("crossmodal_tokenizer_restarts_total",
+                             "tokenizer processes killed and replaced after a batch took too long or they died")
 TEXTS_TOKENISED = Counter("crossmodal_texts_tokenised_total", "texts tokenised, by where (process or thread)",
                           ["where"])
 
 UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+API_PREFIX = "/v1/"
+
+
+def route_label(scope: Scope) -> str:
+    """The request's route template, or for a request no route answered, ``/v1/*`` or ``unmatched``."""
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return str(template)
+    return API_PREFIX + "*" if route_path(scope).startswith(API_PREFIX) else "unmatched"
 
 
 def render() -> tuple[bytes, str]:
@@ -57,7 +72,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        counted = scope["path"] not in UNCOUNTED_PATHS
+        counted = route_path(scope) not in UNCOUNTED_PATHS
         status = 500
         started = time.perf_counter()
 
@@ -76,6 +91,6 @@ class MetricsMiddleware:
             if counted:
                 self.in_flight.count -= 1
                 IN_FLIGHT.dec()
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            route = route_label(scope)
             REQUESTS.labels(route, scope["method"], str(status)).inc()
             LATENCY.labels(route).observe(time.perf_counter() - started)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,13 +19,21 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="largest batch; 1 turns batching off")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch may wait for more requests")
-    max_queue: int = Field(default=1024, ge=1, description="queued items beyond which requests get 503")
-    request_timeout: float = Field(default=30.0, gt=0, description="seconds a request may wait for its result (504)")
+    max_queue: int = Field(default=1024, ge=1, description="items admitted and not yet in a batch (decoding, "
+                                                           "tokenising or queued) beyond which requests get 503")
+    request_timeout: float = Field(default=30.0, gt=0, description="seconds a request may take from admission to "
+                                                                    "its result, decoding and tokenising included (504)")
     max_upload_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="largest request body (413)")
     max_items_per_request: int = Field(default=64, ge=1, description="images or texts in one request")
-    max_text_chars: int = Field(default=20_000, ge=1, description="longest accepted text, in characters")
-    max_image_pixels: int = Field(default=40_000_000, ge=1, description="largest image, width × height (413)")
+    max_text_chars: int = Field(
+        default=1_000_000, ge=1, description="longest accepted text, in characters (422); a text is cut to what its "
+                                             "model reads before tokenising, so this only bounds the upload")
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="largest image, width × height, read from its header (413): the models "
+                                               "read small inputs, so a large photo is allowed, a huge canvas is not")
     api_keys: SecretStr = Field(default=SecretStr(""), description="comma-separated keys; when set /v1 needs one")
+    require_api_keys: bool = Field(default=False, description="refuse to start without API_KEYS (a deployment "
+                                                              "reachable by others says so)")
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     default_image_model: str | None = Field(default=None, description="default image model (else first by name)")
     default_text_model: str | None = Field(default=None, description="default text model (else first by name)")
@@ -39,19 +47,48 @@ class Settings(BaseSettings):
                                   "ready): one call that releases the GIL, so request handling no longer stalls it")
     cpu_image_slice: int = Field(
         default=16, ge=0, le=4096, description="on a CPU, a batch of images goes through the model in slices of at "
-                                               "most this many (0: whole batches): larger slices overflow the CPU's "
-                                               "caches (default model, 2 AVX2 cores: 87 images/s in slices of 16, "
-                                               "79 as one batch of 32, 70 as one of 64)")
+                                               "most this many (0: whole batches): a slice's "
+                                               "activations stay in the CPU's caches, a whole large batch's do not")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
     tokenizer_processes: int | None = Field(
         default=None, ge=0, le=64, description="processes that tokenise texts, off the service's GIL (0: in threads; "
-                                               "default: one less than the CPUs, 1 to 4)")
+                                               "default: one less than the CPUs this container may use, 1 to 4)")
     warmup: bool = Field(default=True, description="run example batches through every model before turning ready")
     opentelemetry: bool = Field(
         default=False, description="FastAPI's native OpenTelemetry spans, metrics and logs (needs an OpenTelemetry SDK "
-                                   "and exporter set up); off: its per-request check of the providers cost 6% of the "
-                                   "event loop's time under load, and /metrics serves Prometheus either way")
+                                   "and exporter set up); off by default, since it checks for providers on every "
+                                   "request (event-loop time), and /metrics serves Prometheus either way")
     log_level: str = Field(default="INFO", description="logging level of the app's loggers")
+
+    # ---- bounded work per request (hostile input and overload) ----
+    max_request_pixels: int = Field(
+        default=64 * 1024 * 1024, ge=1, description="pixels one request's images may decode in all, read from their "
+                                                    "headers before decoding (413; a JPEG counts at its reduced scale)")
+    max_preparing: int | None = Field(
+        default=None, ge=1, le=256, description="requests decoding images at once, in threads (default: the CPUs "
+                                                "this container may use, at least 2)")
+    max_prepare_backlog: int = Field(
+        default=256, ge=0, description="requests that may wait for a decoding thread; more get 503 at once")
+    tokenizer_timeout: float = Field(
+        default=5.0, gt=0, description="seconds a tokenizer process may spend on one batch before it is killed and "
+                                       "replaced and the batch's requests get 422 (at most REQUEST_TIMEOUT / 4, so a "
+                                       "request retried alone after a stuck shared batch still ends before its deadline)")
+
+    # ---- the HTTP boundary: what a request may cost before it is refused ----
+    max_json_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="largest JSON request body (413), below the upload limit: room "
+        "for a full request of long texts even in scripts of several UTF-8 bytes a character or written as \\uXXXX "
+        "escapes; bodies are parsed within a budget of values, so their cost grows with their size alone")
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, description="largest request line + headers (431)")
+    header_timeout: float = Field(default=10.0, gt=0, description="seconds a connection may take to send a "
+                                                                 "request's headers (408 and close: slowloris)")
+    body_timeout: float = Field(default=30.0, gt=0, description="seconds a request's body may go without any part "
+                                                               "of it arriving, once its headers are in (408)")
+    keep_alive_timeout: int = Field(default=5, ge=1, description="seconds an idle kept-alive connection stays open")
+    max_connections: int = Field(
+        default=256, ge=1, description="requests being answered at once, beyond which a request gets 503 with "
+        "Retry-After; /healthz and /readyz are always answered. Connections still sending their headers do not count "
+        "(HEADER_TIMEOUT closes them), nor idle kept-alive ones (KEEP_ALIVE_TIMEOUT)")
 
     @field_validator("device")
     @classmethod
@@ -63,6 +100,12 @@ class Settings(BaseSettings):
             except RuntimeError as error:
                 raise ValueError(f"DEVICE={value!r} is not a torch device ({error})") from None
         return value
+
+    @model_validator(mode="after")
+    def _check_api_keys_required(self) -> Settings:
+        if self.require_api_keys and not self.api_key_set:
+            raise ValueError("REQUIRE_API_KEYS is set but API_KEYS holds no key: set API_KEYS=key1,key2")
+        return self
 
     @property
     def api_key_set(self) -> frozenset[str]:

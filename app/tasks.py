@@ -1,25 +1,26 @@
 """What differs between tasks, behind one small interface the registry and the worker share.
 
 A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`` (untrusted
-inputs → per-item payloads, CPU; the service awaits ``prepare_async``, which runs it in a thread
-pool, or for texts hands them to the service's ``app.tokenizing.TokenizerPool``, whose worker
-processes take the texts of every request of one event-loop turn in one call), ``collate`` (payloads → a batch of device
-tensors), ``forward`` (the model call) and a warm-up payload. The worker is generic over runners;
-each task has a runner here and one entry in ``RUNNERS``: images, texts, and image + text pairs
-(``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
+inputs → per-item payloads, CPU; the service awaits ``prepare_async``, which decodes images in a
+thread pool and hands texts to the service's ``app.tokenizing.TokenizerPool``, whose worker
+processes take the texts of the requests of one event-loop turn in one call), ``collate`` (payloads
+→ a batch of device tensors), ``forward`` (the model call) and a warm-up payload. The worker is
+generic over runners; each task has a runner here and one entry in ``RUNNERS``: images, texts, and
+image + text pairs (``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from app.errors import InvalidInput, ServiceError
-from app.preprocess import prepare_image
+from app.errors import InvalidInput
+from app.preprocess import prepare_images
 from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
 from app.tracing import Forward, script_text_model, trace_image_model
 from models.checkpoint import CheckpointError, LoadedCheckpoint
@@ -55,7 +56,7 @@ class TaskRunner(abc.ABC):
 
     def build_compiled(self) -> Forward | None:
         """The TorchScript forward, checked against eager, if one was asked for and not yet tried;
-        not put in use (see ``InferenceWorker.compile``). Slow: 0.1–0.3 s a model on a CPU."""
+        not put in use (see ``InferenceWorker.compile``). Slow (tracing and checking): not on a request's path."""
         if not self.compile_pending:
             return None
         self.compile_pending = False
@@ -93,12 +94,6 @@ class TaskRunner(abc.ABC):
         return model(**batch)  # (B, classes) logits
 
 
-def _named(error: ServiceError, name: str) -> ServiceError:
-    renamed = type(error).__new__(type(error))
-    ServiceError.__init__(renamed, f"{name}: {error.detail}", error.headers)
-    return renamed
-
-
 class ImageRunner(TaskRunner):
     """Bytes → uint8 (3, S, S) on the CPU; normalised on the device, where it is cheapest."""
 
@@ -106,7 +101,7 @@ class ImageRunner(TaskRunner):
     cpu_autocast = True
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
-                 trace: bool = False, slice_size: int = 0) -> None:
+                 trace: bool = False, slice_size: int = 0, request_pixels: int | None = None) -> None:
         # see app.tracing: on a CPU the traced forward runs without the GIL. Only architectures that
         # declare a pure tensor forward are traced: a trace silently drops Python side effects
         super().__init__(checkpoint, device, precision, trace and getattr(checkpoint.model, "traceable", False))
@@ -117,6 +112,7 @@ class ImageRunner(TaskRunner):
         self.preprocessing = dict(checkpoint.manifest.preprocessing)
         self.size = int(self.preprocessing["size"])
         self.max_pixels = max_pixels
+        self.request_pixels = request_pixels if request_pixels is not None else 64 * max_pixels
         # training normalises uint8 with mean and std given on the 0–1 scale
         self.mean = torch.tensor(self.preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(self.preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
@@ -128,13 +124,7 @@ class ImageRunner(TaskRunner):
         return trace_image_model(self.model, example, check, self.autocast_dtype)
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
-        payloads = []
-        for data, name in zip(inputs, names, strict=True):
-            try:
-                payloads.append(prepare_image(data, self.preprocessing, self.max_pixels))
-            except ServiceError as error:
-                raise _named(error, name) from None
-        return payloads
+        return prepare_images(list(inputs), self.preprocessing, self.max_pixels, self.request_pixels, list(names))
 
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
         images = torch.stack(list(payloads)).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8
@@ -213,7 +203,7 @@ class MultimodalRunner(TaskRunner):
     source: EncoderSource
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, max_pixels: int, precision: str = "auto",
-                 tokenizer: TokenizerPool = IN_THREAD) -> None:
+                 tokenizer: TokenizerPool = IN_THREAD, request_pixels: int | None = None) -> None:
         super().__init__(checkpoint, device, precision)
         try:
             image, _ = fusion_preprocessing(checkpoint.manifest)
@@ -224,36 +214,54 @@ class MultimodalRunner(TaskRunner):
             raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
         self.source = EncoderSource(str(checkpoint.directory), self.task)
         self.encoder = load_encoder(self.source, checkpoint.manifest)
-        # WordPiece for the model's sentence encoder, if it has one: fast enough (≈ 0.2 ms a tweet) to
-        # run here, in the request's preparation thread, beside the image decoding
+        # WordPiece for the model's sentence encoder, if it has one: cheap, and bounded by what the
+        # encoder reads, so it runs in the service's preparation threads rather than a child process
         self.sentence_tokenizer = load_fusion_sentence_tokenizer(checkpoint.directory, checkpoint.manifest)
         self.tokenizer = tokenizer
         self.max_pixels = max_pixels
+        self.request_pixels = request_pixels if request_pixels is not None else 64 * max_pixels
 
     def prepare(self, inputs: Sequence[Any], names: Sequence[str]) -> list[Any]:
         pairs: list[Pair] = list(inputs)
-        images: list[torch.Tensor | None] = []
-        for pair, name in zip(pairs, names, strict=True):
-            try:
-                images.append(None if pair.image is None
-                              else prepare_image(pair.image, self.image_preprocessing, self.max_pixels))
-            except ServiceError as error:
-                raise _named(error, name) from None
-        token_ids: list[torch.Tensor | None] = [None] * len(pairs)
-        texts = [(index, pair.text) for index, pair in enumerate(pairs) if pair.text is not None]
-        if texts:
-            encoded = self.tokenizer.encode(self.source, self.encoder, [text for _, text in texts])
-            for (index, _), row in zip(texts, encoded, strict=True):
-                token_ids[index] = row if len(row) else None
+        texts = [pair.text for pair in pairs if pair.text is not None]
+        images = self._images(pairs, names)
+        encoded = self.tokenizer.encode(self.source, self.encoder, texts) if texts else []
+        return self._payloads(pairs, names, images, encoded)
+
+    async def prepare_async(self, inputs: Sequence[Any], names: Sequence[str], run_blocking: RunBlocking) -> list[Any]:
+        """The images decoded in a thread while the texts go to the tokenizer pool, awaited here: a
+        decoding thread never waits on a tokenizer process (a stalled one would hold it past the
+        request's deadline). WordPiece, if the model reads it, in a thread too."""
+        pairs: list[Pair] = list(inputs)
+        texts = [pair.text for pair in pairs if pair.text is not None]
+        decoding = run_blocking(self._images, pairs, names) if any(p.image is not None for p in pairs) else None
+        tokenising = self.tokenizer.encode_async(self.source, self.encoder, texts, run_blocking) if texts else None
+        images, encoded = await asyncio.gather(_or_nothing(decoding, [None] * len(pairs)), _or_nothing(tokenising, []))
+        if self.sentence_tokenizer is None:
+            return self._payloads(pairs, names, images, encoded)
+        payloads: list[Any] = await run_blocking(self._payloads, pairs, names, images, encoded)
+        return payloads
+
+    def _images(self, pairs: Sequence[Pair], names: Sequence[str]) -> list[torch.Tensor | None]:
+        return prepare_images([pair.image for pair in pairs], self.image_preprocessing, self.max_pixels,
+                              self.request_pixels, list(names))
+
+    def _payloads(self, pairs: Sequence[Pair], names: Sequence[str], images: Sequence[torch.Tensor | None],
+                  encoded: Sequence[torch.Tensor]) -> list[PairPayload]:
+        """Decoded images and the token ids of the pairs that have a text (in order) → payloads, with
+        WordPiece ids for a model with a sentence encoder."""
+        rows = iter(encoded)
+        token_ids = [None if pair.text is None else next(rows) for pair in pairs]
         payloads = []
-        for index, (image, ids) in enumerate(zip(images, token_ids, strict=True)):
+        for index, (pair, image, ids) in enumerate(zip(pairs, images, token_ids, strict=True)):
+            if ids is not None and not len(ids):
+                ids = None
             if image is None and ids is None:
                 raise InvalidInput(f"{names[index]}: its text has no tokens left after the model's preprocessing and "
                                    "it has no image; send a text with words in it, or an image")
-            text = pairs[index].text
             pieces = None
-            if self.sentence_tokenizer is not None and ids is not None and text is not None:
-                pieces = torch.tensor(self.sentence_tokenizer.encode(text), dtype=torch.long)
+            if self.sentence_tokenizer is not None and ids is not None and pair.text is not None:
+                pieces = torch.tensor(self.sentence_tokenizer.encode(pair.text), dtype=torch.long)
             payloads.append(PairPayload(image, ids, pieces))
         return payloads
 
@@ -269,6 +277,10 @@ class MultimodalRunner(TaskRunner):
         return PairPayload(torch.zeros(3, self.size, self.size, dtype=torch.uint8), _warmup_ids(self), pieces)
 
 
+async def _or_nothing(work: Awaitable[Any] | None, nothing: Any) -> Any:
+    return nothing if work is None else await work
+
+
 def _warmup_ids(runner: TextRunner | MultimodalRunner) -> torch.Tensor:
     """Token ids to warm a text-reading model with. Tokenised here only when this process tokenises
     (no tokenizer processes): the first tokenisation imports spaCy, a second that readiness need not
@@ -282,7 +294,8 @@ def _image_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: 
                   tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
     return ImageRunner(checkpoint, device, settings.max_image_pixels, settings.precision,
                        trace=settings.trace_models and device.type == "cpu",
-                       slice_size=settings.cpu_image_slice if device.type == "cpu" else 0)
+                       slice_size=settings.cpu_image_slice if device.type == "cpu" else 0,
+                       request_pixels=settings.max_request_pixels)
 
 
 def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
@@ -293,7 +306,8 @@ def _text_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: A
 
 def _multimodal_runner(checkpoint: LoadedCheckpoint, device: torch.device, settings: Any,
                        tokenizer: TokenizerPool = IN_THREAD) -> TaskRunner:
-    return MultimodalRunner(checkpoint, device, settings.max_image_pixels, settings.precision, tokenizer)
+    return MultimodalRunner(checkpoint, device, settings.max_image_pixels, settings.precision, tokenizer,
+                            request_pixels=settings.max_request_pixels)
 
 
 # task → factory(checkpoint, device, settings, tokenizer pool = tokenise in the calling thread)

@@ -26,6 +26,7 @@ import torch
 from app import metrics
 from app.errors import DeadlineExceeded, InferenceFailed, Unavailable
 from app.registry import ServedModel
+from models.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,14 @@ _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 class OutOfMemory(Unavailable):
     def __init__(self) -> None:
         super().__init__("the device ran out of memory for this input; try fewer or smaller inputs", retry_after_s=5)
+
+
+@dataclasses.dataclass(eq=False)
+class Admission:
+    """A request's items that count against ``MAX_QUEUE`` before they are queued."""
+
+    items: int
+    open: bool = True
 
 
 @dataclasses.dataclass(eq=False)
@@ -58,6 +67,7 @@ class InferenceWorker:
         self._queue: deque[WorkItem] = deque()
         self._arrived = asyncio.Event()
         self._preparing = 0  # requests admitted and still preparing their inputs
+        self._preparing_items = 0  # their items: admitted, not yet queued
         self._running = 0  # items in the batch being computed
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{device}")
         self._task: asyncio.Task[None] | None = None
@@ -82,15 +92,44 @@ class InferenceWorker:
         finally:
             self._preparing -= 1
 
+    @property
+    def waiting(self) -> int:
+        """Items admitted and not yet taken into a batch: decoding, tokenising or queued."""
+        return len(self._queue) + self._preparing_items
+
     def check_capacity(self, count: int) -> None:
         if self._closed:
             raise Unavailable("the server is shutting down", retry_after_s=5)
-        if len(self._queue) + count > self.max_queue:
-            raise Unavailable(f"the server is busy: {len(self._queue)} items are queued (MAX_QUEUE={self.max_queue})")
+        if self.waiting + count > self.max_queue:
+            raise Unavailable(f"the server is busy: {self.waiting} items are queued (MAX_QUEUE={self.max_queue})")
 
-    async def submit(self, served: ServedModel, payloads: Sequence[Any], deadline: float) -> list[torch.Tensor]:
-        """Queue the payloads and wait for their calibrated probabilities, in order."""
-        self.check_capacity(len(payloads))
+    @contextlib.contextmanager
+    def admit(self, count: int) -> Iterator[Admission]:
+        """Admit a request of ``count`` items (503 when full): they count against ``MAX_QUEUE`` from
+        now, while preparing, until their batch takes them (``submit(..., admission)``)."""
+        self.check_capacity(count)
+        admission = Admission(count)
+        self._preparing += 1
+        self._preparing_items += count
+        try:
+            yield admission
+        finally:
+            self._release(admission)
+
+    def _release(self, admission: Admission) -> None:
+        if admission.open:
+            self._preparing -= 1
+            self._preparing_items -= admission.items
+            admission.open = False
+
+    async def submit(self, served: ServedModel, payloads: Sequence[Any], deadline: float,
+                     admission: Admission | None = None) -> list[torch.Tensor]:
+        """Queue the payloads and wait for their calibrated probabilities, in order; ``admission``:
+        the request was admitted already (``admit``), so it is not refused now."""
+        if admission is None:
+            self.check_capacity(len(payloads))
+        else:
+            self._release(admission)
         loop = asyncio.get_running_loop()
         now = loop.time()
         items = [WorkItem(served, payload, loop.create_future(), now, deadline) for payload in payloads]
@@ -285,6 +324,12 @@ class InferenceWorker:
         loop = asyncio.get_running_loop()
         for size in batch_sizes:
             try:
-                await loop.run_in_executor(self._executor, self.compute, served, [payload] * size, False)
+                probabilities = await loop.run_in_executor(self._executor, self.compute, served, [payload] * size,
+                                                           False)
             except OutOfMemory:
                 logger.warning("warm-up of %s: a single item does not fit on %s", served.name, self.device)
+                continue
+            # a model whose outputs do not match its class names would answer with the wrong labels
+            if probabilities.shape[-1] != len(served.classes):
+                raise CheckpointError(f"model {served.name!r} outputs {probabilities.shape[-1]} scores but its "
+                                      f"manifest lists {len(served.classes)} classes; it is not served")

@@ -162,7 +162,7 @@ def save_checkpoint(
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
-    path = Path(directory) / MANIFEST_FILE
+    path = checkpoint_file(directory, MANIFEST_FILE)
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {MANIFEST_FILE} (is this a checkpoint directory?)")
     try:
@@ -174,11 +174,35 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     return Manifest.from_dict(values)
 
 
+def checkpoint_file(directory: str | os.PathLike[str], name: str) -> Path:
+    """``directory / name`` for a file name from a manifest, which must stay inside the checkpoint:
+    a plain name, no absolute path or ``..``, and no symbolic link that leads out of it."""
+    directory = Path(directory)
+    if not name or "\x00" in name or "\\" in name:
+        raise CheckpointError(f"{directory}: manifest file name {name!r} is not a plain file name")
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or name.startswith("/"):
+        raise CheckpointError(f"{directory}: manifest file name {name!r} leads outside the checkpoint directory")
+    path = directory / relative
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError) as error:  # a symlink loop, say
+        raise CheckpointError(f"{directory}: cannot resolve manifest file {name!r} ({error})") from None
+    if not inside:
+        raise CheckpointError(f"{directory}: manifest file {name!r} is a link that leads outside the checkpoint "
+                              "directory")
+    return path
+
+
 def read_extra_file(directory: str | os.PathLike[str], manifest: Manifest, name: str) -> bytes:
     """An extra file listed in the manifest, checked against its recorded sha256."""
     if name not in manifest.files:
         raise CheckpointError(f"{directory}: manifest lists no file {name!r}")
-    content = (Path(directory) / name).read_bytes()
+    path = checkpoint_file(directory, name)
+    try:
+        content = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"{directory}: cannot read {name!r} ({error.strerror or error})") from None
     if hashlib.sha256(content).hexdigest() != manifest.files[name]:
         raise CheckpointError(f"{directory}/{name}: sha256 does not match the manifest")
     return content
@@ -188,7 +212,7 @@ def load_state_dict(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.
     """Verified weights and manifest, without building the model (for transfer)."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    weights = directory / WEIGHTS_FILE
+    weights = checkpoint_file(directory, WEIGHTS_FILE)
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {WEIGHTS_FILE}")
     if sha256_file(weights) != manifest.weights_sha256:
@@ -213,7 +237,7 @@ def load_checkpoint(directory: str | os.PathLike[str], device: str | torch.devic
     """Rebuild the model from its manifest, load the verified weights strictly, put it in eval mode."""
     directory = Path(directory)
     state, manifest = load_state_dict(directory)
-    for name in manifest.files:
+    for name in manifest.files:  # every listed file: confined to the directory, and its hash checked
         read_extra_file(directory, manifest, name)
     try:
         model = build_model(manifest.architecture, manifest.config)

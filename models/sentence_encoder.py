@@ -178,6 +178,19 @@ def _is_control(char: str) -> bool:
     return char not in "\t\n\r" and unicodedata.category(char) in ("Cc", "Cf", "Co", "Cs")
 
 
+_BLOCK_CHARS = 2048  # characters normalised at a time while the pieces are not yet complete
+
+
+def _after_last_space(text: str, start: int, end: int) -> int:
+    """Where to end a block of ``text[start:end]``: just after its last character that the tokenizer
+    reads as whitespace (tab, NBSP, U+3000 too; not a control character, which cleaning drops and
+    which so joins its neighbours into one word), or ``end`` when it holds none past ``start``."""
+    for index in range(end - 1, start, -1):
+        if _is_whitespace(text[index]):
+            return index + 1
+    return end
+
+
 def _is_punctuation(char: str) -> bool:
     code = ord(char)
     if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
@@ -201,6 +214,9 @@ class WordPieceTokenizer:
         if self.stoi[PAD_TOKEN] != 0:
             raise ValueError("[PAD] must be id 0 (the encoder reads id 0 as padding)")
         self.max_tokens, self.max_word_chars = max_tokens, max_word_chars
+        # Real text has a piece every few characters, so its pieces are complete long before this;
+        # only runs of over-long words (each one [UNK]) are read no further.
+        self.max_chars = max_tokens * 64
         self._unk, self._cls, self._sep = self.stoi[UNK_TOKEN], self.stoi[CLS_TOKEN], self.stoi[SEP_TOKEN]
         self._cache: dict[str, list[int]] = {}
 
@@ -269,15 +285,24 @@ class WordPieceTokenizer:
             start = end
         if start < len(word):  # too long, or a part matched no piece: the whole word is unknown
             pieces = [self._unk]
-        if len(self._cache) < 100_000:
+        if len(word) <= self.max_word_chars and len(self._cache) < 100_000:  # at most 100,000 short words
             self._cache[word] = pieces
         return pieces
 
     def encode(self, text: str) -> list[int]:
+        """``[CLS]``, the first ``max_tokens - 2`` pieces, ``[SEP]``. The text is read in blocks cut at
+        whitespace (where normalising and splitting start afresh, so the pieces are those of the
+        whole text) until the pieces are complete; never past ``max_chars``."""
         ids: list[int] = []
-        for word in self.split_words(self.normalize(text)):
-            ids.extend(self.word_pieces(word))
-        return [self._cls, *ids[: self.max_tokens - 2], self._sep]
+        budget, start, end_of_text = self.max_tokens - 2, 0, min(len(text), self.max_chars)
+        while start < end_of_text and len(ids) < budget:
+            end = min(start + _BLOCK_CHARS, end_of_text)
+            if end < end_of_text:  # hold the last, possibly cut, word back for the next block
+                end = _after_last_space(text, start, end)
+            for word in self.split_words(self.normalize(text[start:end])):
+                ids.extend(self.word_pieces(word))
+            start = end
+        return [self._cls, *ids[:budget], self._sep]
 
     def encode_batch(self, texts: Sequence[str]) -> list[torch.Tensor]:
         return [torch.tensor(self.encode(text), dtype=torch.long) for text in texts]

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import re
 from collections import Counter
@@ -118,6 +117,19 @@ class TextPreprocessing:
                 values[name] = tuple(values[name])
         return cls(**values)
 
+    @property
+    def read_chars(self) -> int | None:
+        """How many leading characters of a text decide its tokens (None: the whole text can).
+
+        With nothing removed, tokens come from the first ``max_chars`` characters and the header
+        block's first 4,096 (see ``header_values``), so a longer text can be cut there before
+        tokenising with no change: the cost of a long post is bounded by what the model reads.
+        Cleanup (``remove``) looks at a whole text (a signature at its end), so it is not cut then.
+        """
+        if self.remove:
+            return None
+        return max(self.max_chars, _HEADER_CHARS) if self.header_fields else self.max_chars
+
     def cache_key(self) -> str:
         """The settings that change token lists (not the vocabulary): for on-disk token caches."""
         values = {k: v for k, v in self.to_dict().items() if k != "vocab_file"}
@@ -161,10 +173,13 @@ def clean_text(text: str, remove: Sequence[str]) -> str:
     return text
 
 
+_HEADER_CHARS = 4096  # the header block is read no further than this
+
+
 def header_values(text: str, fields: Sequence[str]) -> list[tuple[str, str]]:
     """(field, value) of the ``fields`` header lines in the block before the first blank line."""
     found = []
-    for line in text.split("\n\n", 1)[0][:4096].split("\n"):
+    for line in text.split("\n\n", 1)[0][:_HEADER_CHARS].split("\n"):
         name, colon, value = line.partition(":")
         name = name.strip().lower()
         if colon and name in fields:
@@ -182,6 +197,24 @@ def spacy_tokenizer() -> Any:
     return spacy.blank("en").tokenizer
 
 
+# spaCy's affix loop rescans the rest of a chunk for every prefix or suffix it splits off, so a
+# long run of symbols costs the square of its length. No chunk of the 20 Newsgroups training posts
+# is longer than LONG_CHUNK_CHARS, so splitting longer ones into CHUNK_WINDOW_CHARS windows
+# changes no real post's tokens and bounds the cost per token of any text.
+LONG_CHUNK_CHARS = 256
+CHUNK_WINDOW_CHARS = 64
+
+
+def _chunks(text: str) -> list[str]:
+    """``text`` split at whitespace (str.isspace, as spaCy does); over-long chunks in windows."""
+    chunks = text.split()
+    if any(len(chunk) > LONG_CHUNK_CHARS for chunk in chunks):
+        chunks = [window for chunk in chunks
+                  for window in ([chunk] if len(chunk) <= LONG_CHUNK_CHARS else
+                                 [chunk[i:i + CHUNK_WINDOW_CHARS] for i in range(0, len(chunk), CHUNK_WINDOW_CHARS)])]
+    return chunks
+
+
 class ChunkTokenCache:
     """spaCy's tokenisation, remembered per whitespace-delimited chunk.
 
@@ -192,39 +225,64 @@ class ChunkTokenCache:
     splits and chunk-wise keeps). Natural text repeats its chunks (Zipf), so remembering them skips
     most of spaCy's work: its own cache stops after 10,000 chunks and stops filling within a document
     once a special case is hit, and even a hit pays for a Python ``Token`` per token. ``tests/text``
-    checks equality with spaCy per chunk, and with whole-document spaCy on real posts. At most
-    ``max_chunks`` are kept (then the cache
-    starts afresh: a bound on memory that hostile input cannot push further); safe to share between
-    threads (each call works on its own view; dict operations are atomic under the GIL).
+    checks equality with spaCy per chunk, and with whole-document spaCy on real posts. It holds
+    chunks and tokens of at most ``max_chars`` characters in all (then it starts afresh: a bound on
+    memory that hostile input cannot push further); safe to share between threads (each call works
+    on its own view; dict operations are atomic under the GIL).
     """
 
-    def __init__(self, max_chunks: int = 200_000) -> None:
-        self.max_chunks = max_chunks
+    def __init__(self, max_chars: int = 8_000_000) -> None:
+        self.max_chars = max_chars
         self._tokens: dict[str, tuple[str, ...]] = {}
+        self._chars = 0
 
     def __len__(self) -> int:
         return len(self._tokens)
 
-    def tokens(self, texts: Sequence[str]) -> list[list[str]]:
-        """The non-whitespace token texts of each of ``texts`` (not lowercased)."""
-        chunk_lists = [text.split() for text in texts]  # str.isspace, the same test spaCy splits at
-        known: dict[str, tuple[str, ...]] = {}
-        missing: dict[str, None] = {}
-        for chunks in chunk_lists:
-            for chunk in chunks:
-                if chunk not in known:
-                    found = self._tokens.get(chunk)
-                    if found is None:
-                        missing[chunk] = None
-                    else:
-                        known[chunk] = found
-        if missing:
-            fresh = self._tokenize_chunks(list(missing))
-            known.update(fresh)
-            if len(self._tokens) + len(fresh) > self.max_chunks:
-                self._tokens = {}
-            self._tokens.update(itertools.islice(fresh.items(), self.max_chunks))
-        return [[token for chunk in chunks for token in known[chunk]] for chunks in chunk_lists]
+    def tokens(self, texts: Sequence[str], limit: int | None = None) -> list[list[str]]:
+        """The non-whitespace token texts of each of ``texts`` (not lowercased); with ``limit``, at
+        least the first ``limit`` of each (its first chunks, in rounds: the rest is never tokenised)."""
+        chunk_lists = [_chunks(text) for text in texts]
+        if limit is None:
+            self._tokenize_missing([chunk for chunks in chunk_lists for chunk in chunks])
+            known = self._view(chunk_lists)
+            return [[token for chunk in chunks for token in known[chunk]] for chunks in chunk_lists]
+        # Rounds: each takes, per text, chunks of at most as many characters as it still needs tokens
+        # (a chunk has at least one token and at most one per character), so no round reads far past
+        # the limit, and a text of ordinary words finishes in a few.
+        done = [0] * len(texts)
+        found: list[list[str]] = [[] for _ in texts]
+        while True:
+            taken = []
+            for index, chunks in enumerate(chunk_lists):
+                need, end, chars = limit - len(found[index]), done[index], 0
+                while need > 0 and end < len(chunks) and (end == done[index] or chars + len(chunks[end]) <= need):
+                    chars += len(chunks[end])
+                    end += 1
+                taken.append(chunks[done[index]:end])
+                done[index] = end
+            if not any(taken):
+                return found
+            self._tokenize_missing([chunk for chunks in taken for chunk in chunks])
+            known = self._view(taken)
+            for index, chunks in enumerate(taken):
+                found[index].extend(token for chunk in chunks for token in known[chunk])
+
+    def _view(self, chunk_lists: Sequence[Sequence[str]]) -> dict[str, tuple[str, ...]]:
+        cache = self._tokens  # another thread may start the cache afresh meanwhile: keep this one
+        return {chunk: cache.get(chunk) or self._tokenize_chunks([chunk])[chunk]
+                for chunks in chunk_lists for chunk in chunks}
+
+    def _tokenize_missing(self, chunks: Sequence[str]) -> None:
+        missing = list(dict.fromkeys(chunk for chunk in chunks if chunk not in self._tokens))
+        if not missing:
+            return
+        fresh = self._tokenize_chunks(missing)
+        size = sum(len(chunk) + sum(map(len, tokens)) for chunk, tokens in fresh.items())
+        if self._chars + size > self.max_chars:
+            self._tokens, self._chars = {}, 0
+        self._tokens.update(fresh)
+        self._chars += size
 
     @staticmethod
     def _tokenize_chunks(chunks: list[str]) -> dict[str, tuple[str, ...]]:
@@ -236,8 +294,8 @@ class ChunkTokenCache:
 _CHUNK_CACHE = ChunkTokenCache()
 
 
-def _token_texts(texts: Sequence[str], lower: bool) -> list[list[str]]:
-    token_lists = _CHUNK_CACHE.tokens(texts)
+def _token_texts(texts: Sequence[str], lower: bool, limit: int | None = None) -> list[list[str]]:
+    token_lists = _CHUNK_CACHE.tokens(texts, limit)
     if lower:
         return [[token.lower() for token in tokens] for tokens in token_lists]
     return token_lists
@@ -253,7 +311,7 @@ def tokenize(texts: Iterable[str], preprocessing: TextPreprocessing) -> list[lis
         for (i, name, _), tokens in zip(found, _token_texts([value for _, _, value in found], lower), strict=True):
             tags[i].extend(f"{name}:{token}" for token in tokens)
     prepared = [clean_text(text, preprocessing.remove)[: preprocessing.max_chars] for text in texts]
-    return [(tagged + tokens)[:limit] for tagged, tokens in zip(tags, _token_texts(prepared, lower), strict=True)]
+    return [(tagged + tokens)[:limit] for tagged, tokens in zip(tags, _token_texts(prepared, lower, limit), strict=True)]
 
 
 # ---- vocabulary --------------------------------------------------------------------------------

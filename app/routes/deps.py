@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
@@ -13,10 +12,12 @@ from fastapi import Depends, Query, Request, Response, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app import metrics
-from app.errors import InvalidInput, Unauthorized
+from app.errors import DeadlineExceeded, InvalidInput, Unauthorized
 from app.lifecycle import Service
+from app.middleware import api_key_problem
 from app.registry import ServedModel
 from app.schemas import ClassifyResponse, ErrorBody, ModelRef, Prediction, TopK
+from app.worker import Admission, InferenceWorker
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, when the server sets API_KEYS")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key (alternative to Bearer)")
@@ -36,16 +37,14 @@ async def require_api_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     header_key: Annotated[str | None, Security(_api_key_header)],
 ) -> None:
+    """The key check as FastAPI sees it: documents the security schemes in OpenAPI and checks again
+    (``ApiKeyMiddleware`` has refused a bad key already, before the body was read)."""
     keys = service.settings.api_key_set
     if not keys:
         return
-    if bearer is None and request.headers.get("authorization"):
-        raise Unauthorized("the Authorization header must be 'Bearer <key>'")
-    supplied = bearer.credentials if bearer is not None else header_key
-    if not supplied:
-        raise Unauthorized("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    if not any(hmac.compare_digest(supplied.encode(), key.encode()) for key in keys):
-        raise Unauthorized("the API key is not valid")
+    problem = api_key_problem(request.headers.get("authorization", ""), header_key or "", keys)
+    if problem is not None:
+        raise Unauthorized(problem)
 
 
 ModelQuery = Annotated[str | None, Query(description="model name (see /v1/models); default: the task's default model",
@@ -75,15 +74,28 @@ def check_unicode(text: str, name: str) -> None:
 async def classify(
     request: Request, service: Service, served: ServedModel, inputs: Sequence[Any], names: Sequence[str], top_k: int
 ) -> Response:
-    """Prepare ``inputs`` off the event loop, run them through the worker, answer with predictions."""
+    """Prepare ``inputs`` off the event loop, run them through the worker, answer with predictions.
+
+    The request counts against ``MAX_QUEUE`` from here until its items are in a batch; its deadline
+    covers decoding and tokenising. If its client goes away meanwhile, the request stops waiting:
+    its items are dropped before they reach a batch, and its texts before they reach a tokenizer
+    process (unless they share a job with other requests); an image being decoded, or texts being
+    tokenised, are finished unread."""
     _, worker = service.ready()
     deadline = asyncio.get_running_loop().time() + service.settings.request_timeout
-    worker.check_capacity(len(inputs))  # refuse early, before spending time on decoding
-    started = time.perf_counter()
-    with worker.preparing():
-        payloads = await served.runner.prepare_async(inputs, names, service.run_blocking)
-    metrics.PREPROCESS.labels(served.name).observe(time.perf_counter() - started)
-    probabilities = await worker.submit(served, payloads, deadline)
+    with worker.admit(len(inputs)) as admission:  # refuse early, before spending time on decoding
+        work = asyncio.ensure_future(_prepare_and_run(service, served, worker, inputs, names, deadline, admission))
+        work.add_done_callback(_retrieve)  # it may fail after it was given up
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()  # its queued items are skipped by the worker
+        if not work.done() or work.cancelled():
+            return Response(status_code=499)  # nobody is listening; the status only shows in logs and metrics
+        probabilities = work.result()
     body = ClassifyResponse(
         model=ModelRef(name=served.name, version=served.manifest.version, task=served.task),
         predictions=[to_prediction(row, served.classes, top_k) for row in probabilities],
@@ -92,6 +104,32 @@ async def classify(
     # Serialised here, once: returned as a model, FastAPI would validate it against response_model
     # again and encode it in two steps; the route's response_model still documents it.
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _prepare_and_run(service: Service, served: ServedModel, worker: InferenceWorker, inputs: Sequence[Any],
+                           names: Sequence[str], deadline: float, admission: Admission) -> list[torch.Tensor]:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout_at(deadline):
+            payloads = await served.runner.prepare_async(inputs, names, service.run_blocking)
+    except TimeoutError:
+        raise DeadlineExceeded("the inputs could not be decoded or tokenised within the request deadline "
+                               "(REQUEST_TIMEOUT); try again later, or with fewer or smaller inputs") from None
+    metrics.PREPROCESS.labels(served.name).observe(time.perf_counter() - started)
+    return await worker.submit(served, payloads, deadline, admission)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (the body is read already: only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def to_prediction(probabilities: torch.Tensor, classes: list[str], top_k: int) -> Prediction:
@@ -118,8 +156,9 @@ _ERROR_DESCRIPTIONS = {
     400: "undecodable or truncated image",
     401: "missing or invalid API key (only when API_KEYS is set)",
     404: "unknown model, or a model of another task",
-    413: "request body or image too large",
-    415: "unsupported image format",
+    408: "the request body did not arrive within BODY_TIMEOUT",
+    413: "request body, form field or image too large",
+    415: "unsupported image format, or a body of another Content-Type than the route takes",
     422: "invalid request: bad parameters, malformed JSON, empty, too long or too many inputs",
     503: "starting, shutting down, or overloaded (see Retry-After)",
     504: "no result within the request deadline",

@@ -6,11 +6,19 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from app import metrics
+from app.errors import scrub_paths
 from app.lifecycle import READY
 from app.routes.deps import ServiceDep
 from app.schemas import Health, Readiness
 
 router = APIRouter(tags=["operations"])
+
+
+def public_reason(error: str, limit: int = 200) -> str:
+    """A load error as anyone may read it: its first line, no file paths, not too long (the service
+    log holds the whole error and its traceback)."""
+    first = scrub_paths(error.strip().splitlines()[0]) if error.strip() else ""
+    return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
@@ -24,7 +32,7 @@ async def readyz(service: ServiceDep) -> Response:
     if service.phase == READY and service.registry is not None:
         body = Readiness(status=READY, models=[model.name for model in service.registry.models])
         return JSONResponse(body.model_dump())
-    body = Readiness(status=service.phase, detail=service.error)
+    body = Readiness(status=service.phase, detail=public_reason(service.error))
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})
 
 

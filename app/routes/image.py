@@ -15,9 +15,10 @@ from app.routes.deps import (
     classify,
     error_responses,
 )
+from app.routes.guarded import GuardedRoute
 from app.schemas import ClassifyResponse
 
-router = APIRouter(prefix="/v1/image", tags=["classify"])
+router = APIRouter(prefix="/v1/image", tags=["classify"], route_class=GuardedRoute)
 
 _FILES_HELP = "images (JPEG, PNG, WebP, BMP or GIF; any size and mode), answered in order"
 
@@ -27,7 +28,7 @@ _FILES_HELP = "images (JPEG, PNG, WebP, BMP or GIF; any size and mode), answered
     description="Upload one or more images in the multipart field `files` (or one in `file`). The format is "
                 "recognised from the bytes; each image is converted to RGB and resized as the model's preprocessing "
                 "says. Each prediction carries the calibrated distribution over the model's classes.",
-    responses=error_responses(400, 401, 404, 413, 415, 422, 503, 504),
+    responses=error_responses(400, 401, 404, 408, 413, 415, 422, 503, 504),
 )
 async def classify_images(
     request: Request,

@@ -28,10 +28,11 @@ from app.routes.deps import (
     classify,
     error_responses,
 )
+from app.routes.guarded import GuardedRoute
 from app.schemas import ClassifyResponse
 from app.tasks import Pair
 
-router = APIRouter(prefix="/v1/multimodal", tags=["classify"])
+router = APIRouter(prefix="/v1/multimodal", tags=["classify"], route_class=GuardedRoute)
 
 _DESCRIPTION = """\
 Classify image + text pairs (a photo and the post that came with it, say): one calibrated distribution per pair.
@@ -78,7 +79,7 @@ _RESPONSE_EXAMPLE: dict[str, Any] = {
 @router.post(
     "/classify", response_model=ClassifyResponse, summary="Classify image + text pairs", description=_DESCRIPTION,
     responses={200: {"content": {"application/json": {"example": _RESPONSE_EXAMPLE}}},
-               **error_responses(400, 401, 404, 413, 415, 422, 503, 504)},
+               **error_responses(400, 401, 404, 408, 413, 415, 422, 503, 504)},
 )
 async def classify_pairs(
     request: Request,

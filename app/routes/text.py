@@ -14,16 +14,17 @@ from app.routes.deps import (
     classify,
     error_responses,
 )
+from app.routes.guarded import GuardedRoute
 from app.schemas import ClassifyResponse, TextClassifyRequest
 
-router = APIRouter(prefix="/v1/text", tags=["classify"])
+router = APIRouter(prefix="/v1/text", tags=["classify"], route_class=GuardedRoute)
 
 
 @router.post(
     "/classify", response_model=ClassifyResponse, summary="Classify texts",
     description="Send `{\"texts\": [...]}` (or `{\"text\": \"...\"}`). Each text is tokenised with the model's "
                 "own vocabulary; each prediction carries the calibrated distribution over the model's classes.",
-    responses=error_responses(401, 404, 413, 422, 503, 504),
+    responses=error_responses(401, 404, 408, 413, 415, 422, 503, 504),
 )
 async def classify_texts(
     request: Request, body: TextClassifyRequest, service: ServiceDep, model: ModelQuery = None, top_k: TopKQuery = 5

@@ -104,10 +104,11 @@ class ServerProcess:
 
 
 def start_service(name: str, env: dict[str, str], log_dir: Path) -> ServerProcess:
-    """The project's service (uvicorn, ``app.main:app``) on a free local port, with ``env`` on top of
-    this process's environment; returns once ``/readyz`` says 200."""
+    """The project's service as it ships (``python -m app.serve``: uvicorn with the service's connection
+    limits) on a free local port, with ``env`` on top of this process's environment; returns once
+    ``/readyz`` says 200."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(port),
                "--no-access-log", "--log-level", "warning"]
     return ServerProcess(name, command, env, port, "/readyz", log_dir)
 

@@ -106,15 +106,19 @@ def free_port() -> int:
 
 
 class Server:
-    """A uvicorn subprocess serving ``app.main:app`` on a free port."""
+    """A uvicorn subprocess serving ``app.main:app`` on a free port; ``shipped``: launched as the
+    service ships (``python -m app.serve``, with its connection limits)."""
 
-    def __init__(self, log_path: Path, env: dict[str, str], probe: bool = False) -> None:
+    def __init__(self, log_path: Path, env: dict[str, str], probe: bool = False, shipped: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         entry = [str(Path(__file__).parent / "probe_server.py")] if probe else ["-m", "uvicorn"]
         command = [sys.executable, *entry, "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
                    "--timeout-graceful-shutdown", "10", "--no-access-log"]
+        if shipped:
+            command = [sys.executable, "-m", "app.serve", "--host", "127.0.0.1", "--port", str(self.port),
+                       "--no-access-log"]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_THREADS": "1", "PYTHONPATH": str(ROOT), **env}
         self.log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)

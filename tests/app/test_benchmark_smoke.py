@@ -48,7 +48,7 @@ def test_profile_reports_cpu_per_process_and_samples_per_thread(model_dir: Path,
                     "--task", "text", "--clients", "8", "--duration", "2", "--output", str(output)],
                    check=True, cwd=ROOT, timeout=300)
     report = output.with_suffix(".md").read_text()
-    assert "| `" in report and "app.main:app" in report  # the service process's CPU
+    assert "| `" in report and "app.serve" in report  # the service process's CPU
     assert "## MainThread" in report and "## infer-" in report  # the event loop and the inference thread sampled
     assert "InferenceWorker.compute (app/worker.py)" in report
 

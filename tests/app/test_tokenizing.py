@@ -1,32 +1,43 @@
-"""The tokenizer pool: real child processes give the in-thread ids, and the service survives losing one."""
+"""The tokenizer pool: real child processes give the in-thread ids; a child that dies or is stuck is
+replaced, only a request that stalls a child by itself fails, and no text is ever tokenised in the
+service's process instead; a slot that cannot start a child, or shutdown, leaves the rest alone."""
 
 from __future__ import annotations
 
+import array
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import torch
+from servicekit import save_fusion_model
 
-from app.tokenizing import EncoderSource, TokenizerPool, _child_ping, encode_ids, load_encoder
+from app.errors import InvalidInput, Unavailable
+from app.tasks import MultimodalRunner, Pair
+from app.tokenizing import GROUP_TEXTS_READ, EncoderSource, TokenizerPool, _ChildFailed, _Slot, _Stuck, encode_ids, load_encoder
+from models.checkpoint import load_checkpoint
 
 TEXTS = ["The shuttle launch was delayed", "", "   ", "Which graphics card runs X11? It's NASA's.", "goalie " * 200]
 
 
-def _start(pool: TokenizerPool) -> None:
-    pool.start()
-    until = time.monotonic() + 60
-    while not pool.ready:
-        assert time.monotonic() < until, "the tokenizer process did not start within 60 s"
+def _wait(condition: Any, what: str, timeout: float = 60) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < until, what
         time.sleep(0.05)
+
+
+def _start(pool: TokenizerPool, sources: tuple[EncoderSource, ...] = ()) -> None:
+    pool.start(sources)
+    _wait(lambda: pool.ready and len(pool.pids) == pool.processes, "the tokenizer processes did not start in 60 s")
 
 
 @pytest.fixture
@@ -41,50 +52,52 @@ def _same(left: list[torch.Tensor], right: list[torch.Tensor]) -> bool:
     return len(left) == len(right) and all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(left, right))
 
 
-def test_pool_tokenises_in_a_child_process_with_the_in_thread_ids(pool: TokenizerPool, model_dir: Path) -> None:
+def _source(model_dir: Path) -> tuple[EncoderSource, Any]:
     source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
-    assert pool._executor is not None and pool._executor.submit(_child_ping).result() != os.getpid()
+    return source, load_encoder(source)
+
+
+def test_pool_tokenises_in_a_child_process_with_the_in_thread_ids(pool: TokenizerPool, model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    assert pool.pids and os.getpid() not in pool.pids
     encoded = pool.encode(source, encoder, TEXTS)
     assert _same(encoded, encode_ids(encoder, TEXTS))
     assert [len(ids) for ids in encoded][1:3] == [0, 0] and len(encoded[4]) == 64  # max_tokens of tiny-text
 
 
-def test_pool_falls_back_to_threads_when_its_child_dies(pool: TokenizerPool, model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
-    assert pool._executor is not None
-    os.kill(pool._executor.submit(_child_ping).result(), signal.SIGKILL)
-    time.sleep(0.5)
-    assert _same(pool.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))  # answered in this thread
-    assert not pool.ready
+def test_a_killed_child_is_replaced_and_the_next_texts_are_answered(pool: TokenizerPool, model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    [child] = pool.pids
+    os.kill(child, signal.SIGKILL)
+    assert _same(pool.encode(source, encoder, TEXTS, timeout=60), encode_ids(encoder, TEXTS))
+    assert pool.pids and pool.pids != [child]
 
 
-def test_pool_falls_back_to_threads_when_its_child_stops_answering(model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
+def test_a_stuck_child_fails_only_its_batch_and_is_replaced(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
     stuck = TokenizerPool(1, result_timeout_s=0.3, grace_s=0.2)
     _start(stuck)
-    assert stuck._executor is not None
-    child = stuck._executor.submit(_child_ping).result()
+    [child] = stuck.pids
     os.kill(child, signal.SIGSTOP)
     try:
-        assert _same(stuck.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))  # after 0.5 s, in this thread
-        assert not stuck.ready and stuck._executor is None
-        time.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(InvalidInput, match="the texts took too long to tokenise"):
+            stuck.encode(source, encoder, TEXTS, timeout=30)
+        assert time.monotonic() - started < 5
+        assert _same(stuck.encode(source, encoder, TEXTS, timeout=60), encode_ids(encoder, TEXTS))  # a new child
+        assert stuck.pids and child not in stuck.pids
         assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE  # killed
-        stuck.shutdown()  # returns: nothing left to wait for
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGCONT)
+        stuck.shutdown()
 
 
 def test_pool_with_no_processes_tokenises_in_the_calling_thread(model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
+    source, encoder = _source(model_dir)
     off = TokenizerPool(0)
     off.start()
-    assert not off.ready and off._executor is None
+    assert not off.ready and off.pids == []
     assert _same(off.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))
 
 
@@ -93,35 +106,31 @@ async def _in_thread(function: Any, *args: Any) -> Any:  # what the service's ru
 
 
 def test_requests_of_one_event_loop_turn_go_to_the_child_in_one_call(pool: TokenizerPool, model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
-    assert pool._executor is not None
-    real_submit, calls = pool._executor.submit, []
+    source, encoder = _source(model_dir)
+    real_submit, calls = pool._submit, []
 
-    def counting_submit(function: Any, *args: Any) -> Any:
-        calls.append(function.__name__)
-        return real_submit(function, *args)
+    def counting_submit(*args: Any) -> Any:
+        calls.append(args)
+        return real_submit(*args)
 
-    pool._executor.submit = counting_submit  # type: ignore[method-assign,assignment]
+    pool._submit = counting_submit  # type: ignore[method-assign]
 
     async def three_requests() -> list[list[torch.Tensor]]:
         return list(await asyncio.gather(*(pool.encode_async(source, encoder, [text], _in_thread) for text in TEXTS[:3])))
 
     encoded = asyncio.run(three_requests())
-    assert calls == ["_child_encode"]
+    assert len(calls) == 1
     assert all(_same(ids, encode_ids(encoder, [text])) for ids, text in zip(encoded, TEXTS[:3], strict=True))
 
 
-def test_a_child_that_answers_within_the_grace_period_keeps_the_pool(model_dir: Path) -> None:
+def test_a_child_that_answers_within_the_grace_period_is_kept(model_dir: Path) -> None:
     """A paused service finds every timeout expired on resuming: the grace period, counted from
-    then, lets the (not stuck) child answer instead of turning the pool off for good."""
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
+    then, lets the (not stuck) child answer instead of being replaced."""
+    source, encoder = _source(model_dir)
     slow = TokenizerPool(1, result_timeout_s=0.3, grace_s=5)
     _start(slow)
     try:
-        assert slow._executor is not None
-        child = slow._executor.submit(_child_ping).result()
+        [child] = slow.pids
         os.kill(child, signal.SIGSTOP)
 
         async def paused_for_a_second() -> list[torch.Tensor]:
@@ -129,47 +138,232 @@ def test_a_child_that_answers_within_the_grace_period_keeps_the_pool(model_dir: 
             return await slow.encode_async(source, encoder, TEXTS, _in_thread)
 
         assert _same(asyncio.run(paused_for_a_second()), encode_ids(encoder, TEXTS))
-        assert slow.ready and slow._executor is not None  # still tokenising in the child
+        assert slow.pids == [child]  # still tokenising in the same child
     finally:
         slow.shutdown()
 
 
-def test_async_encode_falls_back_to_a_thread_when_the_child_stops_answering(model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
-    stuck = TokenizerPool(1, result_timeout_s=0.3, grace_s=0.2)
-    _start(stuck)
-    assert stuck._executor is not None
-    child = stuck._executor.submit(_child_ping).result()
-    os.kill(child, signal.SIGSTOP)
-    try:
-        encoded = asyncio.run(stuck.encode_async(source, encoder, TEXTS, _in_thread))
-        assert _same(encoded, encode_ids(encoder, TEXTS)) and not stuck.ready and stuck._executor is None
-        stuck.shutdown()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGCONT)
-
-
-def test_children_load_their_encoders_before_they_answer(model_dir: Path, tmp_path: Path) -> None:
-    """A child loads the encoders it is started with before its first answer: one it cannot load
-    breaks the pool at start (not at the first request), and texts are tokenised in threads."""
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
+def test_children_that_cannot_load_their_encoders_fail_requests_instead_of_tokenising_here(
+        model_dir: Path, tmp_path: Path) -> None:
+    source, encoder = _source(model_dir)
     broken = TokenizerPool(1)
+    broken.restart_delay_s = 0.2
     broken.start([source, EncoderSource(str(tmp_path / "gone"), "text")])
     try:
-        assert broken._executor is not None
-        with pytest.raises(BrokenProcessPool):
-            broken._executor.submit(_child_ping).result(timeout=60)
+        with pytest.raises(Unavailable, match="the tokenizer process failed to start"):
+            broken.encode(source, encoder, TEXTS, timeout=60)
         assert not broken.ready
-        assert _same(broken.encode(source, encoder, TEXTS), encode_ids(encoder, TEXTS))
     finally:
         broken.shutdown()
 
 
 def test_odd_texts_reach_the_child_intact(pool: TokenizerPool, model_dir: Path) -> None:
-    source = EncoderSource(str(model_dir / "tiny-text"), "text")
-    encoder = load_encoder(source)
+    source, encoder = _source(model_dir)
     odd = ["nul\x00byte", "emoji 😀 and ünïcödé", '"quoted" \\ backslash', "\u2028line separator\u2029"]
     assert _same(pool.encode(source, encoder, odd), encode_ids(encoder, odd))
+
+
+def test_texts_are_cut_to_what_the_model_reads_before_they_are_sent(pool: TokenizerPool, model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    limit = encoder.preprocessing.read_chars
+    assert limit is not None
+    long_post = ("The shuttle launch was delayed again. " * 3000)[: 5 * limit]
+    sent: list[list[str]] = []
+    real_submit = pool._submit
+    pool._submit = lambda src, texts: sent.append(texts) or real_submit(src, texts)  # type: ignore[method-assign]
+    assert _same(pool.encode(source, encoder, [long_post]), pool.encode(source, encoder, [long_post[:limit]]))
+    assert all(len(text) <= limit for texts in sent for text in texts)
+
+
+# ---- groups from the event loop: their size, and who pays when one takes too long ----------------
+
+STALLS = "stalls"  # a text the fake children below never finish
+
+
+def _fake_children(pool: TokenizerPool) -> list[list[str]]:
+    """Replace the pool's children: each job is answered at once (one id per text: its length), and a
+    job holding ``STALLS`` misses the deadline. Returns the jobs sent, in order."""
+    real_submit, sent = pool._submit, []
+
+    def submit(source: EncoderSource, texts: list[str]) -> concurrent.futures.Future[list[bytes]]:
+        if pool.closed:
+            return real_submit(source, texts)
+        sent.append(texts)
+        future: concurrent.futures.Future[list[bytes]] = concurrent.futures.Future()
+        if STALLS in texts:
+            future.set_exception(_Stuck("the texts took too long to tokenise (over 0.3 s, TOKENIZER_TIMEOUT)"))
+        else:
+            future.set_result([array.array("q", [len(text)]).tobytes() for text in texts])
+        return future
+
+    pool._submit = submit  # type: ignore[method-assign]
+    return sent
+
+
+async def _each(pool: TokenizerPool, source: EncoderSource, encoder: Any,
+                requests: list[list[str]]) -> list[list[torch.Tensor] | BaseException]:
+    """The requests' answers (or errors), all of them arriving in one turn of the event loop."""
+    return list(await asyncio.gather(*(pool.encode_async(source, encoder, texts, _in_thread) for texts in requests),
+                                     return_exceptions=True))
+
+
+def _lengths(answer: list[torch.Tensor] | BaseException) -> list[int]:
+    assert isinstance(answer, list), answer
+    return [int(ids) for ids in answer]
+
+
+def test_a_group_closes_at_the_item_limit_or_its_characters_and_the_next_forms(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    limit = encoder.preprocessing.read_chars
+    assert limit is not None
+    pool = TokenizerPool(2, group_texts=4)
+    sent = _fake_children(pool)
+    answers = asyncio.run(_each(pool, source, encoder, [["a", "bb", "c"], ["dd", "e", "f"], ["g"]]))
+    assert sent == [["a", "bb", "c"], ["dd", "e", "f", "g"]]  # 3 + 3 > 4: two jobs, for two children
+    assert [_lengths(answer) for answer in answers] == [[1, 2, 1], [2, 1, 1], [1]]
+    wide = TokenizerPool(2, group_texts=1000)
+    sent = _fake_children(wide)
+    asyncio.run(_each(wide, source, encoder, [["x" * limit]] * (GROUP_TEXTS_READ + 1)))
+    assert [len(job) for job in sent] == [GROUP_TEXTS_READ, 1]
+
+
+def test_a_stuck_group_tries_each_request_alone_and_only_the_one_that_stalls_gets_422(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    pool = TokenizerPool(1)
+    sent = _fake_children(pool)
+    ok_first, stalls, ok_last = asyncio.run(_each(pool, source, encoder, [["a", "bb"], [STALLS], ["c"]]))
+    assert sent == [["a", "bb", STALLS, "c"], ["c"], ["a", "bb"], [STALLS]]  # the retries: smallest first
+    assert _lengths(ok_first) == [1, 2] and _lengths(ok_last) == [1]
+    assert isinstance(stalls, InvalidInput) and "the texts took too long to tokenise" in str(stalls)
+    sent[:] = []
+    [alone] = asyncio.run(_each(pool, source, encoder, [[STALLS, "a"]]))  # alone in its group: 422, no retry
+    assert isinstance(alone, InvalidInput) and sent == [[STALLS, "a"]]
+
+
+def test_a_request_caught_in_a_stuck_group_gets_503_when_its_retry_cannot_run(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    pool = TokenizerPool(1)
+    sent = _fake_children(pool)
+    real_settle = pool._settle_group
+
+    def settle_while_shutting_down(group: Any, done: Any) -> None:
+        pool.closed = True
+        real_settle(group, done)
+
+    pool._settle_group = settle_while_shutting_down  # type: ignore[method-assign]
+    caught, stalls = asyncio.run(_each(pool, source, encoder, [["a"], [STALLS]]))
+    assert isinstance(caught, Unavailable) and caught.headers["Retry-After"] and isinstance(stalls, Unavailable)
+    assert caught.detail == "the server is shutting down"
+    assert sent == [["a", STALLS]]
+
+
+def test_requests_caught_in_a_stuck_group_are_answered_by_the_new_child(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    stuck = TokenizerPool(1, result_timeout_s=0.3, grace_s=0.2)
+    _start(stuck)
+    [child] = stuck.pids
+    os.kill(child, signal.SIGSTOP)
+    try:
+        answers = asyncio.run(_each(stuck, source, encoder, [[text] for text in TEXTS[:3]]))
+        assert all(_same(ids, encode_ids(encoder, [text])) for ids, text in zip(answers, TEXTS[:3], strict=True))
+        assert stuck.pids and child not in stuck.pids
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+        stuck.shutdown()
+
+
+# ---- slots: a failing one leaves the others serving; shutdown starts nothing ---------------------
+
+def test_a_slot_that_cannot_start_a_child_leaves_queued_texts_to_the_others(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, encoder = _source(model_dir)
+    real_spawn = _Slot._spawn
+
+    def spawn(slot: _Slot) -> None:
+        if slot.index == 1:
+            raise _ChildFailed("no room for it")
+        real_spawn(slot)
+
+    monkeypatch.setattr(_Slot, "_spawn", spawn)
+    pool = TokenizerPool(2)
+    pool.restart_delay_s = 0.05
+    pool.start()
+    try:
+        _wait(lambda: pool.ready, "the tokenizer process did not start in 60 s")
+        for _ in range(20):  # meanwhile slot 1 fails to start a child every 50 ms
+            assert _same(pool.encode(source, encoder, TEXTS, timeout=60), encode_ids(encoder, TEXTS))
+        ready, failing = pool._slots
+        assert ready.start_error == "" and failing.start_error == "the tokenizer process failed to start: no room for it"
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_during_a_batch_starts_no_new_child(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    pool = TokenizerPool(1, result_timeout_s=30)
+    _start(pool)
+    [child] = pool.pids
+    [slot] = pool._slots
+    os.kill(child, signal.SIGSTOP)  # the slot's thread waits for its answer when shutdown comes
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as caller:
+            waiting = caller.submit(pool.encode, source, encoder, TEXTS)
+            time.sleep(0.3)
+            pool.shutdown()
+            with pytest.raises(Unavailable, match="the server is shutting down"):
+                waiting.result(10)
+        slot.thread.join(10)
+        assert not slot.thread.is_alive() and slot.process is None and pool.pids == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGCONT)
+
+
+# ---- multimodal: a decoding thread never waits on a tokenizer process ----------------------------
+
+def test_multimodal_preparation_gives_its_thread_back_while_the_tokenizer_is_stuck(
+        tmp_path: Path, jpegs: list[bytes]) -> None:
+    save_fusion_model(tmp_path, "sentence", "fusion_late", sentence=True)
+    checkpoint = load_checkpoint(tmp_path / "sentence")
+    pairs = [Pair(jpegs[0], "The shuttle launch"), Pair(None, "goalie saves"), Pair(jpegs[1], None)]
+    names = ["pair 0", "pair 1", "pair 2"]
+    expected = MultimodalRunner(checkpoint, torch.device("cpu"), 1_000_000).prepare(pairs, names)
+    pool = TokenizerPool(1, result_timeout_s=30)
+    _start(pool)
+    runner = MultimodalRunner(checkpoint, torch.device("cpu"), 1_000_000, tokenizer=pool)
+    busy: list[str] = []
+    threads = concurrent.futures.ThreadPoolExecutor(4)  # not waited for at the end of asyncio.run
+
+    async def tracked(function: Any, *args: Any) -> Any:
+        def run() -> Any:
+            busy.append(function.__name__)
+            try:
+                return function(*args)
+            finally:
+                busy.remove(function.__name__)
+        return await asyncio.get_running_loop().run_in_executor(threads, run)
+
+    async def prepare(timeout: float) -> list[Any] | list[str]:
+        """The payloads, or the functions still running in threads once ``timeout`` cut preparing short."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await runner.prepare_async(pairs, names, tracked)
+        except TimeoutError:
+            return list(busy)
+
+    child = 0
+    try:
+        got = asyncio.run(prepare(60))
+        assert len(got) == 3 and all(
+            all((a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(left, right, strict=True)) for left, right in zip(got, expected, strict=True))
+        [child] = pool.pids
+        os.kill(child, signal.SIGSTOP)
+        assert asyncio.run(prepare(1.0)) == []  # the images were decoded; no thread waits for the stuck child
+    finally:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+        pool.shutdown()
+        threads.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 import pytest
+import yaml
 from deploy_support import (
     COMPOSE_FILES,
     ROOT,
@@ -17,7 +18,7 @@ from deploy_support import (
 )
 
 CHECKPOINTS = "/srv/crossmodal/checkpoints"
-UVICORN_MARGIN_S = 5  # deploy/docker/serve.sh gives uvicorn DRAIN_TIMEOUT + 5 s
+UVICORN_MARGIN_S = 5  # app.serve.SHUTDOWN_AFTER_DRAIN_S: uvicorn closes what is left after the drain
 
 
 def _settings_environment_names() -> set[str]:
@@ -57,6 +58,25 @@ def test_api_publishes_port_8000(compose_config: Any) -> None:
     api = compose_config()["services"]["api"]
     assert published_ports(api) == {8000: "8000"}
     assert api["environment"]["PORT"] == "8000"
+
+
+@pytest.mark.parametrize(("variant", "service"), [("base", "api"), ("cpu", "api-cpu"), ("scale", "lb")])
+def test_ports_are_published_on_this_machine_only_by_default(variant: str, service: str) -> None:
+    result = run_compose_config(COMPOSE_FILES[variant])
+    assert result.returncode == 0, result.stderr
+    (port,) = yaml.safe_load(result.stdout)["services"][service]["ports"]
+    host_ip = port["host_ip"] if isinstance(port, dict) else str(port).split(":")[0]  # long or short syntax
+    assert host_ip == "127.0.0.1", "auth is off unless API_KEYS is set: API_BIND/LB_BIND open it wider"
+
+
+@pytest.mark.parametrize("service", ["api", "api-cpu"])
+def test_api_runs_hardened(compose_config: Any, service: str) -> None:
+    api = compose_config("cpu")["services"][service]
+    assert api["read_only"] is True
+    assert any(mount.startswith("/tmp:") for mount in api["tmpfs"]), "uploads spool to /tmp"
+    assert api["cap_drop"] == ["ALL"] and api["security_opt"] == ["no-new-privileges:true"]
+    assert api["mem_limit"] and 0 < int(api["pids_limit"]) <= 4096
+    assert "REQUIRE_API_KEYS" in api["environment"]
 
 
 def test_api_reserves_an_nvidia_gpu(compose_config: Any) -> None:

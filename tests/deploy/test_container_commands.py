@@ -22,20 +22,28 @@ SERVE_SCRIPT = ROOT / "deploy" / "docker" / "serve.sh"
 
 
 @pytest.fixture()
-def fake_uvicorn(tmp_path: Path) -> Path:
-    """A `uvicorn` on PATH that prints its PID and arguments as JSON instead of serving."""
-    script = tmp_path / "bin" / "uvicorn"
+def fake_python(tmp_path: Path) -> Path:
+    """A `python3` on PATH that prints its PID and arguments as JSON instead of serving."""
+    script = tmp_path / "bin" / "python3"
     script.parent.mkdir()
     script.write_text(f"#!{sys.executable}\nimport json, os, sys\nprint(json.dumps([os.getpid(), sys.argv[1:]]))\n")
     script.chmod(0o755)
     return script.parent
 
 
-def _serve(fake_uvicorn: Path, **env: str) -> tuple[subprocess.Popen[str], str, str]:
-    environment = {"PATH": f"{fake_uvicorn}{os.pathsep}{os.environ['PATH']}", **env}
+def _serve(fake_python: Path, **env: str) -> tuple[subprocess.Popen[str], str, str]:
+    environment = {"PATH": f"{fake_python}{os.pathsep}{os.environ['PATH']}", **env}
     process = subprocess.Popen(
         ["sh", str(SERVE_SCRIPT)], env=environment, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    stdout, stderr = process.communicate(timeout=30)
+    return process, stdout, stderr
+
+
+def _serve_with(fake_python: Path, arguments: list[str]) -> tuple[subprocess.Popen[str], str, str]:
+    environment = {"PATH": f"{fake_python}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(["sh", str(SERVE_SCRIPT), *arguments], env=environment, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = process.communicate(timeout=30)
     return process, stdout, stderr
 
@@ -44,27 +52,83 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def test_entry_point_execs_one_uvicorn_process_on_the_configured_port(fake_uvicorn: Path) -> None:
-    process, stdout, stderr = _serve(fake_uvicorn, PORT="9123", DRAIN_TIMEOUT="30")
+def test_entry_point_execs_the_service_launcher_on_the_configured_port(fake_python: Path) -> None:
+    process, stdout, stderr = _serve(fake_python, PORT="9123")
     assert process.returncode == 0, stderr
     pid, argv = json.loads(stdout)
-    assert pid == process.pid, "exec: uvicorn replaces the shell and receives SIGTERM itself"
-    assert argv[0] == "app.main:app"
+    assert pid == process.pid, "exec: the service replaces the shell and receives SIGTERM itself"
+    assert argv[:2] == ["-m", "app.serve"], "one launcher (app/serve.py) for make serve, the image and benchmarks"
     assert _option(argv, "--host") == "0.0.0.0" and _option(argv, "--port") == "9123"
-    assert _option(argv, "--workers") == "1"
 
 
-@pytest.mark.parametrize(("drain", "uvicorn_limit"), [("30", "35"), ("12.5", "17"), ("0", "5")])
-def test_entry_point_lets_uvicorn_wait_past_the_drain(fake_uvicorn: Path, drain: str, uvicorn_limit: str) -> None:
-    process, stdout, stderr = _serve(fake_uvicorn, DRAIN_TIMEOUT=drain)
+def test_entry_point_passes_its_arguments_to_the_launcher(fake_python: Path) -> None:
+    process, stdout, stderr = _serve_with(fake_python, ["--root-path", "/api", "--forwarded-allow-ips", "10.0.0.1",
+                                                        "--no-proxy-headers"])
     assert process.returncode == 0, stderr
-    assert _option(json.loads(stdout)[1], "--timeout-graceful-shutdown") == uvicorn_limit
+    _, argv = json.loads(stdout)
+    assert argv[-5:] == ["--root-path", "/api", "--forwarded-allow-ips", "10.0.0.1", "--no-proxy-headers"]
 
 
-def test_entry_point_refuses_a_drain_timeout_that_is_not_a_number(fake_uvicorn: Path) -> None:
-    process, stdout, stderr = _serve(fake_uvicorn, DRAIN_TIMEOUT="soon")
-    assert process.returncode == 2 and not stdout
-    assert "DRAIN_TIMEOUT must be a number of seconds" in stderr
+def test_launcher_hands_proxy_flags_to_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from app import serve
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append({"app": app, **options}))
+    serve.main(["--root-path", "/api", "--forwarded-allow-ips", "10.0.0.1,10.0.0.2", "--no-proxy-headers",
+                "--port", "9001"])
+    assert calls[0]["app"] == "app.main:app" and calls[0]["port"] == 9001
+    assert calls[0]["root_path"] == "/api" and calls[0]["forwarded_allow_ips"] == "10.0.0.1,10.0.0.2"
+    assert calls[0]["proxy_headers"] is False
+    serve.main([])
+    assert calls[1]["root_path"] == "" and calls[1]["proxy_headers"] is True and calls[1]["forwarded_allow_ips"] is None
+
+
+def test_launcher_refuses_flags_it_does_not_know() -> None:
+    from app.serve import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--workers", "4"])
+
+
+def test_launcher_refuses_to_start_when_uvicorn_lacks_what_it_relies_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from app import serve
+
+    monkeypatch.setattr(serve, "missing_internals", lambda: ["HttpToolsProtocol.cycle"])
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("started anyway"))
+    with pytest.raises(SystemExit, match=r"lacks what the service relies on: HttpToolsProtocol\.cycle\. Install"):
+        serve.main([])
+
+
+def test_makefile_and_benchmarks_launch_the_service_the_same_way() -> None:
+    assert "$(PY) -m app.serve --host $(HOST) --port $(PORT)" in (ROOT / "Makefile").read_text()
+    harness = (ROOT / "benchmarks" / "serving" / "harness.py").read_text()
+    assert '[sys.executable, "-m", "app.serve",' in harness
+
+
+def test_launcher_runs_one_uvicorn_process_with_connection_limits() -> None:
+    from app.serve import SHUTDOWN_AFTER_DRAIN_S, uvicorn_options
+    from app.settings import Settings
+
+    settings = Settings(max_connections=100, keep_alive_timeout=7, max_header_bytes=4096, header_timeout=3)
+    options = uvicorn_options(settings)
+    assert options["workers"] == 1 and options["server_header"] is False
+    assert options["limit_concurrency"] is None, "uvicorn's 503 would fail /healthz: the app limits requests instead"
+    assert options["timeout_keep_alive"] == 7
+    assert options["h11_max_incomplete_event_size"] == 4096
+    assert options["timeout_graceful_shutdown"] == SHUTDOWN_AFTER_DRAIN_S <= 10, "the drain came first"
+    assert isinstance(options["http"], type), "the guarded httptools protocol (header deadline and size)"
+
+
+def test_launcher_refuses_invalid_settings_with_a_clear_message() -> None:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "DRAIN_TIMEOUT": "soon"}
+    result = subprocess.run([sys.executable, "-m", "app.serve"], env=environment, capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode != 0
+    assert "crossmodal: invalid settings" in result.stderr and "drain_timeout" in result.stderr
 
 
 # ---- health checks -----------------------------------------------------------------------------------------

@@ -73,8 +73,17 @@ def test_api_grace_period_outlasts_prestop_and_drain(api: dict, config: dict) ->
     spec = api["spec"]["template"]["spec"]
     pre_stop = _container(spec, "api")["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    needed = int(pre_stop[1]) + float(config["DRAIN_TIMEOUT"]) + 5  # + uvicorn's margin (serve.sh)
+    from app.serve import SHUTDOWN_AFTER_DRAIN_S
+
+    needed = int(pre_stop[1]) + float(config["DRAIN_TIMEOUT"]) + SHUTDOWN_AFTER_DRAIN_S
     assert spec["terminationGracePeriodSeconds"] > needed
+
+
+def test_api_requires_its_api_key_secret(api: dict, config: dict) -> None:
+    env = {e["name"]: e for e in _container(api["spec"]["template"]["spec"], "api")["env"]}
+    reference = env["API_KEYS"]["valueFrom"]["secretKeyRef"]
+    assert reference["name"] == "crossmodal-api-keys" and reference.get("optional") is False
+    assert config["REQUIRE_API_KEYS"] == "true", "no keys: the pod refuses to start rather than serve without auth"
 
 
 def test_api_runs_as_the_image_user_with_a_read_only_root(api: dict, dockerfile: Dockerfile) -> None:

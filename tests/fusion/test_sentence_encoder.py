@@ -57,6 +57,22 @@ def test_wordpiece_gives_the_reference_tokenizers_ids(pairs_subset: Path) -> Non
     assert len(ours.encode("word " * 1000)) == ours.max_tokens == 256
 
 
+def test_wordpiece_reads_long_text_in_blocks_with_the_whole_texts_ids() -> None:
+    """Blocks are cut at any character the tokenizer reads as whitespace (tab, NBSP, U+3000, ...), never
+    inside a word nor at a control character that cleaning drops (U+001C): the ids of the whole text."""
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "shuttle", "launch", "##es", "orbit", "ab", "##cd", "."]
+    tokenizer = WordPieceTokenizer(vocabulary, max_tokens=8192)
+
+    def whole(text: str) -> list[int]:
+        pieces = [p for word in tokenizer.split_words(tokenizer.normalize(text)) for p in tokenizer.word_pieces(word)]
+        return [tokenizer.stoi["[CLS]"], *pieces[: tokenizer.max_tokens - 2], tokenizer.stoi["[SEP]"]]
+
+    words = ["shuttle", "launches", "orbit.", "abcd"]
+    for separator in ("\t", "\u00a0", "\u3000", "\u2003", "\r\n", "\x1c\t"):
+        text = separator.join(words[i % 4] for i in range(3000))  # over 20,000 characters, no plain space
+        assert len(text) > 4 * 2048 and tokenizer.encode(text) == whole(text), repr(separator)
+
+
 def test_the_shipped_encoder_reproduces_all_minilm_l6_v2() -> None:
     """First dimensions and cosines of sentence-transformers' all-MiniLM-L6-v2 embeddings (float32), recorded
     from that library; the checkpoint stores the weights in float16, hence the tolerance."""

@@ -164,3 +164,46 @@ def test_fastconv_translate_tta_averages_centred_and_shifted_mirrored_views() ->
         assert torch.allclose(model(images), expected, atol=1e-5)
         model.train()
         assert torch.allclose(model(images), model.logits(images))  # no augmentation while training
+
+
+def _edit_manifest(directory: Path, **changes: object) -> None:
+    path = directory / "manifest.json"
+    values = json.loads(path.read_text())
+    values.update(changes)
+    path.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "/etc/passwd", "sub/../../outside.json"])
+def test_manifest_file_names_outside_the_checkpoint_are_refused(tmp_path: Path, name: str) -> None:
+    directory = _save_lenet(tmp_path / "ckpt", **{"vocab.json": b"[]"})
+    (tmp_path / "outside.json").write_bytes(b"[]")
+    files = json.loads((directory / "manifest.json").read_text())["files"]
+    _edit_manifest(directory, files={**files, name: files["vocab.json"]})
+    with pytest.raises(CheckpointError, match="leads outside the checkpoint directory"):
+        load_checkpoint(directory)
+    with pytest.raises(CheckpointError, match="leads outside the checkpoint directory"):
+        read_extra_file(directory, read_manifest(directory), name)
+
+
+def test_a_symlink_out_of_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    directory = _save_lenet(tmp_path / "ckpt", **{"vocab.json": b"[]"})
+    (tmp_path / "secret.json").write_bytes(b"[]")
+    (directory / "vocab.json").unlink()
+    (directory / "vocab.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(CheckpointError, match="link that leads outside the checkpoint directory"):
+        load_checkpoint(directory)
+
+
+def test_weights_linked_from_outside_are_refused(tmp_path: Path) -> None:
+    directory = _save_lenet(tmp_path / "ckpt")
+    (directory / "model.safetensors").rename(tmp_path / "weights")
+    (directory / "model.safetensors").symlink_to(tmp_path / "weights")
+    with pytest.raises(CheckpointError, match="link that leads outside"):
+        load_checkpoint(directory)
+
+
+def test_a_symlink_inside_the_checkpoint_is_allowed(tmp_path: Path) -> None:
+    directory = _save_lenet(tmp_path / "ckpt", **{"vocab.json": b"[]"})
+    (directory / "vocab.json").rename(directory / "real.json")
+    (directory / "vocab.json").symlink_to("real.json")
+    assert read_extra_file(directory, read_manifest(directory), "vocab.json") == b"[]"

@@ -159,8 +159,20 @@ def test_chunk_cache_equals_whole_document_spacy_on_real_posts(news_subset: Path
     assert ChunkTokenCache().tokens(posts) == whole
 
 
-def test_chunk_cache_starts_afresh_at_its_bound() -> None:
-    cache = ChunkTokenCache(max_chunks=3)
+def test_chunk_cache_starts_afresh_at_its_bound_in_characters() -> None:
+    cache = ChunkTokenCache(max_chars=12)  # a one-letter chunk and its token: 2 characters
     assert cache.tokens(["a b c d e"]) == [["a", "b", "c", "d", "e"]]
-    assert len(cache) <= 3
-    assert cache.tokens(["f g"]) == [["f", "g"]] and len(cache) <= 3
+    assert len(cache) == 5
+    assert cache.tokens(["f g h"]) == [["f", "g", "h"]] and len(cache) == 3  # 10 + 6 > 12: afresh
+
+
+def test_long_runs_of_symbols_are_tokenised_in_windows_and_only_as_far_as_the_limit() -> None:
+    import time
+
+    symbols = "".join(chr(0x2600 + (i * 7) % 255) for i in range(19_000))  # few repeats, no whitespace
+    started = time.perf_counter()
+    tokens = ChunkTokenCache().tokens([symbols], limit=100)[0]
+    assert time.perf_counter() - started < 1.0
+    assert tokens[:100] == [t.text for t in spacy_tokenizer()(symbols[:100])]
+    ordinary = "the cat sat on the mat " * 50
+    assert ChunkTokenCache().tokens([ordinary], limit=7)[0][:7] == ordinary.split()[:7]
