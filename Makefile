@@ -22,7 +22,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	touch $@ $(VENV)/.serve-installed
 
 serve: $(VENV)/.serve-installed
-	MODEL_DIR=$(MODEL_DIR) $(PY) -m uvicorn app.main:app --host $(HOST) --port $(PORT) --timeout-graceful-shutdown 30
+	MODEL_DIR=$(MODEL_DIR) $(PY) -m app.serve --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check .
@@ -51,7 +51,7 @@ test-without-system-tools: $(VENV)/.dev-installed
 	  case "$$hidden" in *" $$name "*) continue;; esac; \
 	  [ -x "$$tool" ] && [ ! -e $(BARE_PATH)/"$$name" ] && ln -s "$$tool" $(BARE_PATH)/"$$name"; done; done; true
 	PATH=$(abspath $(BARE_PATH)) CROSSMODAL_EXPECT_NO_SYSTEM_TOOLS=1 $(PY) -m pytest -q tests/test_external_tools.py \
-	  tests/app/test_benchmark_smoke.py -k "multimodal or without_system_tools"
+	  tests/app/test_benchmark_smoke.py tests/app/test_page.py -k "multimodal or without_system_tools or page"
 
 # Extract the shared training data (../shared/data) into .cache/data for the training commands.
 SHARED_DATA ?= ../shared/data

@@ -8,7 +8,6 @@ import pytest
 from datakit import extract_cifar_subset
 
 
-
 @pytest.fixture(scope="session")
 def cifar_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 real CIFAR-10 training JPEGs per class, in ImageFolder layout."""
