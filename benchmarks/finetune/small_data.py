@@ -76,6 +76,20 @@ def evaluate(checkpoint: Path, data: Path) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+def train_and_score(task: str, classes: tuple[str, ...], size: int, command: list[str], output: Path,
+                    evaluation: Path) -> dict[str, Any]:
+    """One timed training command, scored on ``evaluation``; the row of the report (printed too)."""
+    seconds = run_training([*command, "--output", str(output)])
+    claimed = json.loads((output / "manifest.json").read_text())["metrics"]["validation"]
+    scores = evaluate(output, evaluation)
+    row = {"task": task, "classes": list(classes), "per_class": size, "seconds": seconds,
+           "accuracy": scores["accuracy"], "ece": scores["ece"], "nll": scores["nll"], "eval_count": scores["count"],
+           "plan": claimed.get("plan"), "calibration_folds": claimed.get("calibration_folds"),
+           "claimed_accuracy": claimed["accuracy"], "claimed_ece": claimed["ece"]}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def image_pools(data: Path, fraction: float, seed: int) -> dict[str, list[Path]]:
     """Per class, the image files of the checkpoint run's validation split (all files when fraction is 0)."""
     import torch
@@ -99,23 +113,16 @@ def image_pools(data: Path, fraction: float, seed: int) -> dict[str, list[Path]]
 def image_curve(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
     pools = image_pools(args.image_data, args.image_split_fraction, args.image_split_seed)
     rows = []
-    for triple in IMAGE_TRIPLES:
+    for triple in IMAGE_TRIPLES[:args.triples]:
         shuffled = {name: random.Random(f"{name}-{args.seed}").sample(pools[name], len(pools[name])) for name in triple}
         largest = max(args.image_sizes)
         evaluation = link_folder(scratch / f"img-eval-{'-'.join(triple)}",
                                  {name: files[largest:largest + args.eval_per_class] for name, files in shuffled.items()})
         for size in args.image_sizes:
             train = link_folder(scratch / f"img-{'-'.join(triple)}-{size}", {n: f[:size] for n, f in shuffled.items()})
-            output = scratch / f"img-out-{'-'.join(triple)}-{size}"
-            seconds = run_training(["finetune-image", "--from", str(args.image_from), "--data", str(train),
-                                    "--output", str(output), *args.image_options.split()])
-            manifest = json.loads((output / "manifest.json").read_text())["metrics"]["validation"]
-            scores = evaluate(output, evaluation)
-            rows.append({"task": "image", "classes": list(triple), "per_class": size, "seconds": seconds,
-                         "accuracy": scores["accuracy"], "ece": scores["ece"], "nll": scores["nll"],
-                         "eval_count": scores["count"], "plan": manifest.get("plan"),
-                         "claimed_accuracy": manifest["accuracy"], "claimed_ece": manifest["ece"]})
-            print(json.dumps(rows[-1]), flush=True)
+            command = ["finetune-image", "--from", str(args.image_from), "--data", str(train), *args.image_options.split()]
+            rows.append(train_and_score("image", triple, size, command, scratch / f"img-out-{'-'.join(triple)}-{size}",
+                                        evaluation))
     return rows
 
 
@@ -128,7 +135,7 @@ def text_pools(data: Path, group: str, early_fraction: float) -> tuple[list[Path
 
 def text_curve(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
     rows = []
-    for triple in TEXT_TRIPLES:
+    for triple in TEXT_TRIPLES[:args.triples]:
         early, late = {}, {}
         for group in triple:
             early[group], late[group] = text_pools(args.text_data, group, 0.7)
@@ -136,16 +143,9 @@ def text_curve(args: argparse.Namespace, scratch: Path) -> list[dict[str, Any]]:
         evaluation = link_folder(scratch / f"txt-eval-{'-'.join(triple)}", late)
         for size in args.text_sizes:
             train = link_folder(scratch / f"txt-{'-'.join(triple)}-{size}", {g: p[:size] for g, p in early.items()})
-            output = scratch / f"txt-out-{'-'.join(triple)}-{size}"
-            seconds = run_training(["train-text", "--data", str(train), "--output", str(output),
-                                    *args.text_options.split()])
-            manifest = json.loads((output / "manifest.json").read_text())["metrics"]["validation"]
-            scores = evaluate(output, evaluation)
-            rows.append({"task": "text", "classes": list(triple), "per_class": size, "seconds": seconds,
-                         "accuracy": scores["accuracy"], "ece": scores["ece"], "nll": scores["nll"],
-                         "eval_count": scores["count"], "calibration_folds": manifest.get("calibration_folds"),
-                         "claimed_accuracy": manifest["accuracy"], "claimed_ece": manifest["ece"]})
-            print(json.dumps(rows[-1]), flush=True)
+            command = ["train-text", "--data", str(train), *args.text_options.split()]
+            rows.append(train_and_score("text", triple, size, command, scratch / f"txt-out-{'-'.join(triple)}-{size}",
+                                        evaluation))
     return rows
 
 
@@ -171,7 +171,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, output: P
         if not summary:
             continue
         source = f"from `{args.image_from}`" if task == "image" else "n-gram recipe from scratch"
-        lines += [f"## {task} ({source}; 3 class triples; accuracy and ECE on unseen {unit})", "",
+        lines += [f"## {task} ({source}; {args.triples} class triples; accuracy and ECE on unseen {unit})", "",
                   f"| {unit} per class | accuracy mean (min) | ECE mean (max) | wall time median (max) |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {s['per_class']} | {100 * s['accuracy_mean']:.1f}% ({100 * s['accuracy_min']:.1f}%) | "
@@ -202,9 +202,12 @@ def plot(rows: list[dict[str, Any]], output: Path) -> None:
                              [100 * s["accuracy_mean"] for s in summary], alpha=0.2)
         axes[1].plot(sizes, [100 * s["ece_mean"] for s in summary], marker="o", label=task)
     axes[0].set(xscale="log", xlabel="examples per class", ylabel="accuracy on unseen data (%)",
-                title="accuracy (mean over 3 class triples; band: worst)")
+                title="accuracy (mean over the class triples; band: worst)")
     axes[1].set(xscale="log", xlabel="examples per class", ylabel="ECE (%)", title="calibration error (mean)")
+    sizes = sorted({row["per_class"] for row in rows})
     for axis in axes:
+        axis.set_xticks(sizes, [str(size) for size in sizes])
+        axis.minorticks_off()
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-options", default="", help="extra finetune-image options, e.g. '--freeze none'")
     parser.add_argument("--text-options", default="", help="extra train-text options")
     parser.add_argument("--seed", type=int, default=0, help="which examples are drawn")
+    parser.add_argument("--triples", type=int, default=3, help="how many of the class triples (quick checks: 1)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "finetune" / "results")
     args = parser.parse_args(argv)
     tasks = set(args.tasks.split(","))

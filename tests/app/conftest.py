@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import API_KEY, Server, save_image_model
+from servicekit import API_KEY, Server, save_image_model, serving
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
@@ -93,12 +93,8 @@ def main_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
            "MAX_ITEMS_PER_REQUEST": "8", "MAX_TEXT_CHARS": "500", "MAX_IMAGE_PIXELS": "1000000",
            "MAX_BATCH_SIZE": "16", "MAX_WAIT_MS": "20", "TOKENIZER_PROCESSES": "1",
            "PRECISION": "fp32"}  # exact comparisons with the checkpoint; bf16 serving: test_precision.py
-    server = Server(tmp_path_factory.mktemp("main") / "server.log", env)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("main") / "server.log", env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -112,12 +108,8 @@ def probe_server(probe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """The service over the probe models, API keys off, a small queue and a short deadline."""
     env = {"MODEL_DIR": str(probe_dir), "MAX_BATCH_SIZE": "8", "MAX_WAIT_MS": "20", "MAX_QUEUE": "6",
            "REQUEST_TIMEOUT": "6", "DEFAULT_IMAGE_MODEL": "probe", "WARMUP": "false"}
-    server = Server(tmp_path_factory.mktemp("probe") / "server.log", env, probe=True)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("probe") / "server.log", env, probe=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -155,6 +157,17 @@ class Server:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+@contextlib.contextmanager
+def serving(log_path: Path, env: dict[str, str], probe: bool = False, shipped: bool = False) -> Iterator[Server]:
+    """A ready ``Server`` for the ``with`` block, stopped after it (a module or session fixture's body)."""
+    server = Server(log_path, env, probe=probe, shipped=shipped)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
 
 
 def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from servicekit import API_KEY, Server
+from servicekit import API_KEY, Server, serving
 
 from app.errors import scrub_paths
 from app.routes.health import public_reason
@@ -34,12 +34,8 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = {"MODEL_DIR": str(model_dir), "API_KEYS": API_KEY, "MAX_ITEMS_PER_REQUEST": "8", "MAX_TEXT_CHARS": "500",
            "TOKENIZER_PROCESSES": "0", "HEADER_TIMEOUT": "1", "BODY_TIMEOUT": "1", "MAX_HEADER_BYTES": "8192",
            "WARMUP": "false", "MAX_JSON_BYTES": str(MAX_JSON_BYTES), "MAX_CONNECTIONS": str(MAX_CONNECTIONS)}
-    server = Server(tmp_path_factory.mktemp("hostile") / "server.log", env, shipped=True)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("hostile") / "server.log", env, shipped=True) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

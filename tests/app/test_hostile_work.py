@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 from PIL import Image
-from servicekit import Server, encode, metric, save_image_model, wait_for_metric
+from servicekit import Server, encode, metric, save_image_model, serving, wait_for_metric
 
 TEXT = "The shuttle launch was delayed by the weather over the cape"
 
@@ -58,12 +58,8 @@ class HealthWatch:
 
 
 def _start(tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Iterator[Server]:
-    server = Server(tmp_path_factory.mktemp(name) / "server.log", env)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp(name) / "server.log", env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

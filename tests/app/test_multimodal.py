@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from servicekit import FUSION_CLASSES, IMAGE_PREPROCESSING, Server, encode, metric, save_fusion_model, save_image_model
+from servicekit import FUSION_CLASSES, IMAGE_PREPROCESSING, Server, encode, metric, save_fusion_model, save_image_model, serving
 
 from models.checkpoint import load_checkpoint
 from models.fusion import load_fusion_sentence_tokenizer, load_fusion_text_encoder
@@ -38,12 +38,8 @@ def fusion_server(fusion_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     env = {"MODEL_DIR": str(fusion_dir), "DEFAULT_MULTIMODAL_MODEL": "tiny-fusion-late", "MAX_UPLOAD_BYTES": "300000",
            "MAX_ITEMS_PER_REQUEST": "8", "MAX_TEXT_CHARS": "200", "MAX_IMAGE_PIXELS": "1000000",
            "MAX_BATCH_SIZE": "16", "MAX_WAIT_MS": "20"}
-    server = Server(tmp_path_factory.mktemp("fusion-server") / "server.log", env)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("fusion-server") / "server.log", env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

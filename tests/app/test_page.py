@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageDraw
-from servicekit import API_KEY, ROOT, Server, encode
+from servicekit import API_KEY, ROOT, Server, encode, serving
 
 from app.routes.page import ASSETS, CONTENT_SECURITY_POLICY
 
@@ -29,12 +29,8 @@ def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     """The service over the bundled checkpoints (two image models, a text and a multimodal one), no API keys."""
     env = {"MODEL_DIR": str(BUNDLED), "DEVICE": "cpu", "PRECISION": "fp32", "TRACE_MODELS": "false",
            "WARMUP": "false", "TOKENIZER_PROCESSES": "0", "API_KEYS": ""}
-    server = Server(tmp_path_factory.mktemp("page") / "server.log", env)
-    try:
-        server.wait_ready()
+    with serving(tmp_path_factory.mktemp("page") / "server.log", env) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
