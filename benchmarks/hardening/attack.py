@@ -256,7 +256,7 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
 
 
 def run_phase(server: harness.ServerProcess, tool: str, seconds: float, rate: float, scratch: Path,
-              attack_rate: float | None, slowloris_sockets: int) -> dict[str, object]:
+              attack_rate: float | None, slowloris_sockets: int, skip: frozenset[str] = frozenset()) -> dict[str, object]:
     """One phase: the normal client, with the attack mix at ``attack_rate`` requests/s per attacker
     (0: flat out; ``None``: no attack)."""
     stop = threading.Event()
@@ -264,12 +264,15 @@ def run_phase(server: harness.ServerProcess, tool: str, seconds: float, rate: fl
     threads: list[threading.Thread] = []
     if attack_rate is not None:
         for name, (path, body, headers) in attacks().items():
+            if name in skip:
+                continue
             records[name] = Recorder()
             threads.append(threading.Thread(target=run_attacker, daemon=True,
                                             args=(server.url, path, body, headers, stop, records[name], attack_rate)))
-        records["slowloris"] = Recorder()
-        threads.append(threading.Thread(target=run_slowloris, daemon=True,
-                                        args=(server.port, slowloris_sockets, stop, records["slowloris"])))
+        if "slowloris" not in skip:
+            records["slowloris"] = Recorder()
+            threads.append(threading.Thread(target=run_slowloris, daemon=True,
+                                            args=(server.port, slowloris_sockets, stop, records["slowloris"])))
     generator = psutil.Process()  # this process: attackers, Python client, watchers (and wrk, once waited for)
     generator_before, service_before = _cpu_seconds([generator]), _cpu_seconds(server.processes())
     watch = Watch(server)
@@ -338,6 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--attack-rate", type=float, default=2,
                         help="requests per second of each attacker in the paced phase (0: flat out)")
     parser.add_argument("--slowloris", type=int, default=50, help="slowloris sockets kept open")
+    parser.add_argument("--skip", default="", help="comma-separated attacks to leave out (to see what one costs)")
     parser.add_argument("--model-dir", default=str(ROOT / "checkpoints"))
     parser.add_argument("--tool", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "hardening" / "RESULTS"))
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             phases = {}
             for key, attack_rate in (("calm", None), ("paced", args.attack_rate), ("flat_out", 0.0)):
                 phases[key] = run_phase(server, tool, args.seconds, args.rate, Path(scratch), attack_rate,
-                                        args.slowloris)
+                                        args.slowloris, frozenset(filter(None, args.skip.split(","))))
         finally:
             server.stop()
     results = {"cpu": cpu_model(), "cores": psutil.cpu_count(), "seconds": args.seconds, "rate": args.rate,
