@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
     tokenizer_processes: int | None = Field(
         default=None, ge=0, le=64, description="processes that tokenise texts, off the service's GIL (0: in threads; "
-                                               "default: one less than the CPUs this container may use, 1 to 4)")
+                                               "with 2 or more, one takes only small jobs, so short texts never wait "
+                                               "behind long ones; default: one less than the CPUs this container may "
+                                               "use, 2 to 4, or 1 on one CPU)")
     warmup: bool = Field(default=True, description="run example batches through every model before turning ready")
     opentelemetry: bool = Field(
         default=False, description="FastAPI's native OpenTelemetry spans, metrics and logs (needs an OpenTelemetry SDK "

@@ -21,7 +21,10 @@ text stalled everything. A ``TokenizerPool`` runs it in ``TOKENIZER_PROCESSES`` 
 * on the event loop (``encode_async``), the texts of the requests that arrive in one turn of the
   loop go to a child in one call: a hand-off per request cost the loaded service more than
   tokenising did. A group closes at ``MAX_ITEMS_PER_REQUEST`` texts or ``GROUP_TEXTS_READ`` texts'
-  worth of characters and the next one forms, so that groups spread over the children. When a
+  worth of characters and the next one forms, so that groups spread over the children. Short
+  requests group apart from long ones, and with two children or more one of them is an express
+  lane that takes only small jobs (``EXPRESS_CHARS``), so short texts never wait behind long ones;
+  the others take a small job first, else the oldest large one. When a
   group takes too long, each of its requests tries again alone: only a request that stalls a child
   by itself gets 422, and the others their answer (or 503 if their retry cannot run).
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -143,6 +147,54 @@ class _Job:
     texts: list[str]
     future: concurrent.futures.Future[list[bytes]]
 
+    @property
+    def small(self) -> bool:
+        return sum(map(len, self.texts)) <= EXPRESS_CHARS
+
+
+class _JobQueue:
+    """Jobs waiting for a child, small ones apart from large ones: an express slot takes only small
+    jobs, a general slot a small one first, else the oldest large one. Closing wakes every slot."""
+
+    def __init__(self) -> None:
+        self._small: collections.deque[_Job] = collections.deque()
+        self._large: collections.deque[_Job] = collections.deque()
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._small) + len(self._large)
+
+    def put(self, job: _Job) -> None:
+        with self._changed:
+            (self._small if job.small else self._large).append(job)
+            self._changed.notify_all()  # slots of both kinds wait here: notify one could wake the wrong kind
+
+    def get(self, express: bool, timeout: float) -> _Job | None:
+        """The next job this slot may take; None once closed; ``queue.Empty`` after ``timeout``."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._closed or self._small or (not express and self._large),
+                                          timeout):
+                raise queue.Empty
+            if self._closed:
+                return None
+            return self._small.popleft() if self._small else self._large.popleft()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def take_all(self, small: bool = True) -> list[_Job]:
+        """Remove and return the waiting jobs (the large ones only, with ``small=False``)."""
+        with self._changed:
+            taken = list(self._large) + (list(self._small) if small else [])
+            self._large.clear()
+            if small:
+                self._small.clear()
+            return taken
+
 
 class _Stuck(Exception):
     """A job's child missed the deadline (the message is the 422 for whoever caused it)."""
@@ -173,6 +225,7 @@ class _Group:
     """Requests sent to a child in one job: those of one turn of the event loop, up to a size."""
 
     source: EncoderSource
+    small: bool  # of requests that are small jobs by themselves, kept one (so that the express child takes it)
     char_limit: int | None
     requests: list[_Request] = dataclasses.field(default_factory=list)
     texts: int = 0
@@ -189,11 +242,17 @@ class _Group:
 # A group holds at most as many characters as this many texts that are read to the end: kept to a
 # size a child answers well within the timeout, and more groups spread over more children.
 GROUP_TEXTS_READ = 64
+# A job of at most this many characters is small (the express child takes it): a fixed length, since a
+# job's time follows its characters whatever the model reads; under one text read to the end at the
+# default max_chars, so no long text holds the express child up, and hundreds of short requests' worth.
+EXPRESS_CHARS = 10_000
 
 
 def default_processes() -> int:
-    """One less than the CPUs this process may use (the service's own process needs one), 1 to 4."""
-    return max(1, min(4, available_cpus() - 1))
+    """One less than the CPUs this process may use (the service's own process needs one), 2 to 4:
+    with two children one is the express lane, so short texts never wait behind long ones. 1 on one CPU."""
+    cpus = available_cpus()
+    return 1 if cpus < 2 else min(4, max(2, cpus - 1))
 
 
 class _ChildFailed(Exception):
@@ -203,8 +262,8 @@ class _ChildFailed(Exception):
 class _Slot:
     """One child process and the service thread that talks to it."""
 
-    def __init__(self, pool: TokenizerPool, index: int) -> None:
-        self.pool, self.index = pool, index
+    def __init__(self, pool: TokenizerPool, index: int, express: bool = False) -> None:
+        self.pool, self.index, self.express = pool, index, express  # express: takes small jobs only
         self.process: Any = None
         self.connection: Connection | None = None
         self.start_error = ""  # why this slot's last child failed to start ("" once one is up)
@@ -283,12 +342,13 @@ class _Slot:
             if not self._ensure_child():
                 if pool.closed:
                     break
-                if not pool.pids:  # no other slot can serve the queued jobs either
-                    pool.fail_waiting(Unavailable(self.start_error, retry_after_s=5))
+                if not pool.general_pids:  # no other slot can serve the queued large jobs either (nor
+                    # the small ones, without an express child)
+                    pool.fail_waiting(Unavailable(self.start_error, retry_after_s=5), small=not pool.pids)
                 time.sleep(pool.restart_delay_s)
                 continue
             try:
-                job = pool.jobs.get(timeout=pool.idle_check_s)  # wakes now and then to replace a dead child
+                job = pool.jobs.get(self.express, pool.idle_check_s)  # wakes now and then to replace a dead child
             except queue.Empty:
                 continue
             if job is None:
@@ -366,14 +426,14 @@ class TokenizerPool:
         self.group_texts = group_texts  # texts in one job from the event loop (MAX_ITEMS_PER_REQUEST)
         self.idle_check_s = 0.5
         self.restart_delay_s = 5.0
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.jobs = _JobQueue()
         self.sources: tuple[EncoderSource, ...] = ()
         self.context: Any = None
         self.closed = False
         self._slots: list[_Slot] = []
         self._ready = threading.Event()
         self._lock = threading.Lock()
-        self._forming: dict[EncoderSource, _Group] = {}  # touched on the event loop only
+        self._forming: dict[tuple[EncoderSource, bool], _Group] = {}  # by (source, small); on the event loop only
 
     @property
     def ready(self) -> bool:
@@ -383,6 +443,11 @@ class TokenizerPool:
     def pids(self) -> list[int]:
         """The live children's process ids."""
         return [pid for slot in self._slots if (pid := slot.pid) is not None]
+
+    @property
+    def general_pids(self) -> list[int]:
+        """The live children's process ids, but the express lane's (they take large jobs too)."""
+        return [pid for slot in self._slots if not slot.express and (pid := slot.pid) is not None]
 
     def start(self, sources: Sequence[EncoderSource] = ()) -> None:
         """Start the children, each with the encoders of ``sources`` loaded; no-op with 0 processes.
@@ -394,25 +459,21 @@ class TokenizerPool:
             self.sources = tuple(sources)
             self.context = multiprocessing.get_context("forkserver")
             self.context.set_forkserver_preload([__name__, "spacy"])  # imported once, shared by the children
-            self._slots = [_Slot(self, index) for index in range(self.processes)]
+            # the last slot is the express lane, where there is another one to take large jobs
+            self._slots = [_Slot(self, index, express=self.processes > 1 and index == self.processes - 1)
+                           for index in range(self.processes)]
             for slot in self._slots:
                 slot.thread.start()
 
     def on_child_ready(self, index: int, pid: int) -> None:
         if not self._ready.is_set():
-            logger.info("tokenising in %d worker processes", self.processes)
+            logger.info("tokenising in %d worker processes%s", self.processes,
+                        " (one of them for small jobs only)" if self.processes > 1 else "")
         self._ready.set()
 
-    def fail_waiting(self, error: Exception) -> None:
-        """Fail the queued batches: no child could be started for them."""
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is None:
-                self.jobs.put(None)
-                return
+    def fail_waiting(self, error: Exception, small: bool = True) -> None:
+        """Fail the queued batches (the large ones only, with ``small=False``): no child could be started for them."""
+        for job in self.jobs.take_all(small):
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(error)
 
@@ -442,13 +503,15 @@ class TokenizerPool:
     def _join(self, source: EncoderSource, encoder: TextEncoder, texts: list[str]) -> _Request:
         """Add a request to its source's forming group; a full group is sent now, and a new one forms."""
         loop = asyncio.get_running_loop()
-        group = self._forming.get(source)
+        small = sum(map(len, texts)) <= EXPRESS_CHARS
+        group = self._forming.get((source, small))
         if group is not None and not group.has_room(texts, self.group_texts):
             self._send(group)
             group = None
         if group is None:
             read_chars = encoder.preprocessing.read_chars
-            group = self._forming[source] = _Group(source, GROUP_TEXTS_READ * read_chars if read_chars else None)
+            char_limit = EXPRESS_CHARS if small else GROUP_TEXTS_READ * read_chars if read_chars else None
+            group = self._forming[(source, small)] = _Group(source, small, char_limit)
             loop.call_soon(self._send, group)
         request = _Request(texts, loop.create_future(), group)
         group.requests.append(request)
@@ -457,8 +520,8 @@ class TokenizerPool:
         return request
 
     def _send(self, group: _Group) -> None:
-        if self._forming.get(group.source) is group:
-            del self._forming[group.source]
+        if self._forming.get((group.source, group.small)) is group:
+            del self._forming[(group.source, group.small)]
         if group.job is not None:
             return  # sent already, when it filled up
         if all(request.abandoned for request in group.requests):
@@ -522,8 +585,7 @@ class TokenizerPool:
             self.closed = True
             self._ready.clear()
             slots, self._slots = self._slots, []
-        for _ in slots:
-            self.jobs.put(None)
+        self.jobs.close()
         for slot in slots:
             slot.thread.join(5)
             slot.kill()

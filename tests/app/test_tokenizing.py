@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import queue
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,19 @@ from servicekit import save_fusion_model
 
 from app.errors import InvalidInput, Unavailable
 from app.tasks import MultimodalRunner, Pair
-from app.tokenizing import GROUP_TEXTS_READ, EncoderSource, TokenizerPool, _ChildFailed, _Slot, _Stuck, encode_ids, load_encoder
+from app.tokenizing import (
+    GROUP_TEXTS_READ,
+    EncoderSource,
+    TokenizerPool,
+    _ChildFailed,
+    _Job,
+    _JobQueue,
+    _Slot,
+    _Stuck,
+    default_processes,
+    encode_ids,
+    load_encoder,
+)
 from models.checkpoint import load_checkpoint
 
 TEXTS = ["The shuttle launch was delayed", "", "   ", "Which graphics card runs X11? It's NASA's.", "goalie " * 200]
@@ -60,6 +73,7 @@ def _source(model_dir: Path) -> tuple[EncoderSource, Any]:
 def test_pool_tokenises_in_a_child_process_with_the_in_thread_ids(pool: TokenizerPool, model_dir: Path) -> None:
     source, encoder = _source(model_dir)
     assert pool.pids and os.getpid() not in pool.pids
+    assert not pool._slots[0].express  # one process takes every job
     encoded = pool.encode(source, encoder, TEXTS)
     assert _same(encoded, encode_ids(encoder, TEXTS))
     assert [len(ids) for ids in encoded][1:3] == [0, 0] and len(encoded[4]) == 64  # max_tokens of tiny-text
@@ -367,3 +381,119 @@ def test_multimodal_preparation_gives_its_thread_back_while_the_tokenizer_is_stu
                 os.kill(child, signal.SIGCONT)
         pool.shutdown()
         threads.shutdown(wait=False, cancel_futures=True)
+
+
+# ---- the express lane: small jobs never wait behind large ones -----------------------------------
+
+LONG_TEXTS = ["goalie saves " * 1000]  # over EXPRESS_CHARS: a large job
+
+
+def _job(texts: list[str]) -> _Job:
+    return _Job(EncoderSource("nowhere", "text"), texts, concurrent.futures.Future())
+
+
+def test_express_slots_take_only_small_jobs_and_general_ones_a_small_job_first() -> None:
+    jobs = _JobQueue()
+    first_large, small, second_large = _job(LONG_TEXTS), _job(["short"]), _job(LONG_TEXTS)
+    assert not first_large.small and small.small
+    jobs.put(first_large)
+    with pytest.raises(queue.Empty):
+        jobs.get(express=True, timeout=0.05)
+    jobs.put(small)
+    jobs.put(second_large)
+    assert jobs.get(express=True, timeout=0) is small
+    jobs.put(small)
+    assert [jobs.get(express=False, timeout=0) for _ in range(3)] == [small, first_large, second_large]
+
+
+def test_default_processes_keep_an_express_child_beside_a_general_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cpus, processes in [(1, 1), (2, 2), (3, 2), (4, 3), (16, 4)]:
+        monkeypatch.setattr("app.tokenizing.available_cpus", lambda cpus=cpus: cpus)
+        assert default_processes() == processes
+
+
+def test_requests_of_one_turn_group_short_texts_apart_from_long_ones(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    pool = TokenizerPool(2)
+    sent = _fake_children(pool)
+    asyncio.run(_each(pool, source, encoder, [["a"], LONG_TEXTS, ["bb"]]))
+    assert sorted(sent, key=lambda job: sum(map(len, job))) == [["a", "bb"], LONG_TEXTS]
+
+
+def test_a_small_job_is_answered_while_a_large_one_holds_the_general_child(model_dir: Path) -> None:
+    source, encoder = _source(model_dir)
+    pool = TokenizerPool(2, result_timeout_s=30)
+    _start(pool)
+    general, express = pool._slots
+    assert express.express and not general.express
+    general_child = general.pid
+    assert general_child is not None
+    os.kill(general_child, signal.SIGSTOP)  # the general child takes the large job, and does not answer
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as caller:
+            large = caller.submit(pool.encode, source, encoder, LONG_TEXTS)
+            _wait(lambda: len(pool.jobs) == 0, "the general child did not take the large job", timeout=10)
+            started = time.monotonic()
+            assert _same(pool.encode(source, encoder, TEXTS, timeout=10), encode_ids(encoder, TEXTS))
+            assert time.monotonic() - started < 5 and not large.done()
+            second_large = pool._submit(source, LONG_TEXTS)
+            time.sleep(0.5)
+            assert len(pool.jobs) == 1 and not second_large.done()  # the express child leaves it waiting
+            os.kill(general_child, signal.SIGCONT)
+            assert _same(large.result(30), encode_ids(encoder, LONG_TEXTS))
+            assert len(second_large.result(30)) == 1
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(general_child, signal.SIGCONT)
+        pool.shutdown()
+
+
+def test_large_jobs_fail_when_no_general_child_starts_and_small_ones_are_answered(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source, encoder = _source(model_dir)
+    real_spawn = _Slot._spawn
+
+    def spawn(slot: _Slot) -> None:
+        if not slot.express:
+            raise _ChildFailed("no room for it")
+        real_spawn(slot)
+
+    monkeypatch.setattr(_Slot, "_spawn", spawn)
+    pool = TokenizerPool(2)
+    pool.restart_delay_s = 0.05
+    pool.start()
+    try:
+        _wait(lambda: pool.ready, "the express tokenizer process did not start in 60 s")
+        with pytest.raises(Unavailable, match="the tokenizer process failed to start: no room for it"):
+            pool.encode(source, encoder, LONG_TEXTS, timeout=10)
+        assert _same(pool.encode(source, encoder, TEXTS, timeout=10), encode_ids(encoder, TEXTS))
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_with_jobs_waiting_in_both_queues_fails_them_and_stops_every_slot(model_dir: Path) -> None:
+    source, _ = _source(model_dir)
+    pool = TokenizerPool(2, result_timeout_s=1.5, grace_s=0.1)
+    _start(pool)
+    children = pool.pids
+    slots = list(pool._slots)
+    for child in children:
+        os.kill(child, signal.SIGSTOP)  # each slot waits on its child, so the next jobs stay queued
+    try:
+        taken = [pool._submit(source, LONG_TEXTS)]
+        _wait(lambda: len(pool.jobs) == 0, "the general child did not take the large job", timeout=10)
+        taken.append(pool._submit(source, ["short"]))
+        _wait(lambda: len(pool.jobs) == 0, "the express child did not take the small job", timeout=10)
+        waiting = [pool._submit(source, texts) for texts in (LONG_TEXTS, ["short"], LONG_TEXTS, ["short"])]
+        assert len(pool.jobs) == 4
+        started = time.monotonic()
+        pool.shutdown()
+        assert time.monotonic() - started < 8
+        for future in taken + waiting:
+            with pytest.raises(Unavailable, match="the server is shutting down"):
+                future.result(5)
+        assert all(not slot.thread.is_alive() and slot.process is None for slot in slots) and pool.pids == []
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
