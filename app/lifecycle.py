@@ -144,9 +144,9 @@ class Service:
             self._compiling = asyncio.get_running_loop().create_task(self._compile(registry, worker), name="compile")
 
     async def _compile(self, registry: ModelRegistry, worker: InferenceWorker) -> None:
-        """Build the models' TorchScript forwards (``TRACE_MODELS``) once serving: 0.4–0.7 s of start-up
-        on this project's 2-core machine that readiness no longer waits for; the eager models serve
-        meanwhile, and each compiled forward takes over between two batches once checked and warm.
+        """Build the models' TorchScript forwards (``TRACE_MODELS``) once serving, so readiness does not
+        wait for them; the eager models serve meanwhile, and each compiled forward takes over between
+        two batches once checked and warm.
         A drain stops it: the requests being finished need the cores more."""
         started = time.monotonic()
         sizes = warmup_batch_sizes(self.device, self.settings.max_batch_size) if self.settings.warmup else []
@@ -229,8 +229,7 @@ class Service:
 def warmup_batch_sizes(device: torch.device, max_batch_size: int) -> list[int]:
     """The batch sizes to warm a model up with. On a GPU the largest batch too (kernel selection and
     the caching allocator); on the CPU only a single item and a pair: there the first batch of a new
-    size costs no more than later ones (measured: 0.39 s vs 0.37 s for 32 images), so warming the
-    largest would only delay readiness."""
+    size costs about what later ones do, so warming the largest would only delay readiness."""
     if device.type == "cpu":
         return sorted({1, min(2, max_batch_size)})
     return sorted({1, max_batch_size})
