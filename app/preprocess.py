@@ -16,8 +16,10 @@ a thread pool off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -95,6 +97,19 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
+@contextlib.contextmanager
+def _reading(name: str, max_pixels: int) -> Iterator[None]:
+    """Pillow's failures on untrusted bytes as the typed errors the API answers with."""
+    try:
+        yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise PayloadTooLarge(f"image is too large: at most {max_pixels:,} pixels are accepted "
+                              f"(decompression-bomb guard: {error})") from None
+    except Exception as error:  # any failure to read untrusted bytes is the input's fault
+        reason = str(error) or type(error).__name__
+        raise InvalidImage(f"cannot decode the {name} image (truncated or corrupt?): {reason}") from None
+
+
 def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, int]:
     """Open ``data`` lazily (only its header is read) → the image and the pixels decoding will cost.
 
@@ -109,15 +124,9 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> t
         raise UnsupportedFormat("BMP with RLE compression is not accepted (its decoding is slow for its size): "
                                 "send an uncompressed BMP, or PNG")
     name = "WebP" if image_format == "WEBP" else image_format
-    try:
+    with _reading(name, max_pixels):
         image = Image.open(io.BytesIO(data), formats=[image_format])
         width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise PayloadTooLarge(f"image is too large: at most {max_pixels:,} pixels are accepted "
-                              f"(decompression-bomb guard: {error})") from None
-    except Exception as error:  # any failure to read untrusted bytes is the input's fault
-        reason = str(error) or type(error).__name__
-        raise InvalidImage(f"cannot decode the {name} image (truncated or corrupt?): {reason}") from None
     if width * height > max_pixels:
         raise PayloadTooLarge(f"image is too large ({width}×{height} pixels): at most {max_pixels:,} pixels "
                               "are accepted (MAX_IMAGE_PIXELS; decompression-bomb guard)")
@@ -132,17 +141,10 @@ def open_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> t
 
 def load_image(image: Image.Image, max_pixels: int) -> Image.Image:
     """Decode an image from ``open_image`` to RGB; typed errors for broken input."""
-    name = "WebP" if image.format == "WEBP" else str(image.format)
-    try:
+    with _reading("WebP" if image.format == "WEBP" else str(image.format), max_pixels):
         image.seek(0)
         image.load()
         return _to_rgb(_upright(image))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise PayloadTooLarge(f"image is too large: at most {max_pixels:,} pixels are accepted "
-                              f"(decompression-bomb guard: {error})") from None
-    except Exception as error:  # any failure to decode untrusted bytes is the input's fault
-        reason = str(error) or type(error).__name__
-        raise InvalidImage(f"cannot decode the {name} image (truncated or corrupt?): {reason}") from None
 
 
 def decode_image(data: bytes, max_pixels: int, draft_size: int | None = None) -> Image.Image:

@@ -16,16 +16,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NEWS_CLASSES = ("comp.graphics", "rec.sport.hockey", "sci.space", "talk.religion.misc")
 
 
-def extract_cifar_subset(destination: Path, per_class: int) -> Path:
-    """Extract the first ``per_class`` JPEGs of every class of the shared CIFAR-10 training split."""
-    archive = SHARED_DATA / "cifar10-jpeg-train.tar.gz"
+def _extract_per_class(archive_name: str, destination: Path, per_class: int, classes: tuple[str, ...] | None,
+                       class_count: int) -> Path:
+    """The first ``per_class`` files of each class folder (of ``classes``, or all) of a shared archive."""
+    archive = SHARED_DATA / archive_name
     if not archive.is_file():
         pytest.skip(f"shared data missing: {archive}")
     taken: dict[str, int] = defaultdict(int)
     with tarfile.open(archive) as tar:
         for member in tar:
             parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or taken[parts[-2]] >= per_class:
+            if (not member.isfile() or len(parts) < 3 or (classes is not None and parts[-2] not in classes)
+                    or taken[parts[-2]] >= per_class):
                 continue
             taken[parts[-2]] += 1
             target = destination / parts[-2] / parts[-1]
@@ -33,31 +35,19 @@ def extract_cifar_subset(destination: Path, per_class: int) -> Path:
             source = tar.extractfile(member)
             assert source is not None
             target.write_bytes(source.read())
-            if len(taken) == 10 and all(count >= per_class for count in taken.values()):
+            if len(taken) == class_count and all(count >= per_class for count in taken.values()):
                 break
     return destination
+
+
+def extract_cifar_subset(destination: Path, per_class: int) -> Path:
+    """Extract the first ``per_class`` JPEGs of every class of the shared CIFAR-10 training split."""
+    return _extract_per_class("cifar10-jpeg-train.tar.gz", destination, per_class, None, class_count=10)
 
 
 def extract_news_subset(destination: Path, per_class: int, classes: tuple[str, ...] = NEWS_CLASSES) -> Path:
     """The first ``per_class`` posts of each of ``classes`` from the shared bydate training archive."""
-    archive = SHARED_DATA / "20news-bydate-train.tar.gz"
-    if not archive.is_file():
-        pytest.skip(f"shared data missing: {archive}")
-    taken: dict[str, int] = defaultdict(int)
-    with tarfile.open(archive) as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if not member.isfile() or len(parts) < 3 or parts[-2] not in classes or taken[parts[-2]] >= per_class:
-                continue
-            taken[parts[-2]] += 1
-            target = destination / parts[-2] / parts[-1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None
-            target.write_bytes(source.read())
-            if len(taken) == len(classes) and all(count >= per_class for count in taken.values()):
-                break
-    return destination
+    return _extract_per_class("20news-bydate-train.tar.gz", destination, per_class, classes, len(classes))
 
 
 def extract_pairs_subset(destination: Path, pairs: int) -> Path:

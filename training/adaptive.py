@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -78,15 +79,27 @@ def resolve_folds(requested: int | str | None, examples: int, validation_fractio
     return folds
 
 
+def class_weights(labels: torch.Tensor, classes: int, rule: str) -> list[float] | None:
+    """Loss weights by class: ``balanced`` (inverse frequency, n / (k · count) as scikit-learn's),
+    ``sqrt`` (inverse square-root frequency) or ``none``; the mean weight over examples is 1."""
+    counts = torch.bincount(labels, minlength=classes).float().clamp(min=1)
+    if rule == "none":
+        return None
+    if rule not in ("sqrt", "balanced"):
+        raise ValueError(f"unknown class weighting {rule!r} (none, sqrt or balanced)")
+    weights = (counts.sum() / counts) ** (0.5 if rule == "sqrt" else 1.0)
+    return (weights / (weights * counts).sum() * counts.sum()).tolist()
+
+
 def resolve_class_weights(mode: str | None, labels: torch.Tensor, num_classes: int) -> list[float] | None:
-    """``balanced``: weights n / (k · count) as scikit-learn's; ``auto``: balanced only when imbalanced."""
+    """``balanced`` or ``none`` as ``class_weights``; ``auto``: balanced only when imbalanced."""
     mode = mode or "auto"
     if mode not in ("auto", "none", "balanced"):
         raise ValueError(f"--class-weights must be auto, none or balanced; got {mode!r}")
     counts = torch.bincount(labels, minlength=num_classes).float().clamp(min=1)
-    if mode == "none" or (mode == "auto" and float(counts.max() / counts.min()) <= IMBALANCE_RATIO):
-        return None
-    return (len(labels) / (num_classes * counts)).tolist()
+    if mode == "auto":
+        mode = "balanced" if float(counts.max() / counts.min()) > IMBALANCE_RATIO else "none"
+    return class_weights(labels, num_classes, mode)
 
 
 def resolve_freeze(mode: str | None, counts: dict[str, int]) -> str:
@@ -113,6 +126,18 @@ def adapt_epochs(recipe_epochs: int, steps_per_epoch: int, min_total_steps: int 
     if steps_per_epoch < 1:
         raise NotEnoughDataError("no training step fits in an epoch: fewer examples than one batch")
     return max(recipe_epochs, math.ceil(min_total_steps / steps_per_epoch))
+
+
+def out_of_fold_logits(labels: torch.Tensor, num_classes: int, folds: int, seed: int,
+                       score_fold: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(N, classes) logits of every example from a fit that did not see it: ``score_fold(fold, train,
+    held)`` fits on the ``train`` indices and returns the logits of the ``held`` ones."""
+    fold_of = stratified_folds(labels, folds, seed)
+    logits = torch.empty(len(labels), num_classes)
+    for fold in range(folds):
+        held = torch.nonzero(fold_of == fold).flatten()
+        logits[held] = score_fold(fold, torch.nonzero(fold_of != fold).flatten(), held)
+    return logits
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:

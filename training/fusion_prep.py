@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
-from training.adaptive import stratified_folds
+from training.adaptive import class_weights, stratified_folds
 from training.fusion_data import PairDataset, load_pairs
 from training.fusion_sentence import SentenceSource, load_sentence_source
 from training.fusion_stacking import ScorerOptions
@@ -107,16 +107,6 @@ class Prepared:
     image_size: int
     sentence: SentenceSource | None = None
     sentence_ids: list[list[int]] | None = None  # every pair's WordPiece ids, with ``sentence``
-
-
-def class_weights(labels: torch.Tensor, classes: int, rule: str) -> list[float] | None:
-    counts = torch.bincount(labels, minlength=classes).float().clamp(min=1)
-    if rule == "none":
-        return None
-    if rule not in ("sqrt", "balanced"):
-        raise ValueError(f"unknown class weighting {rule!r} (none, sqrt or balanced)")
-    weights = (counts.sum() / counts) ** (0.5 if rule == "sqrt" else 1.0)
-    return (weights / (weights * counts).sum() * counts.sum()).tolist()  # mean weight over examples = 1
 
 
 def prepare(options: FusionOptions, image_parent: Parent | None = None, text_parent: TextParent | None = None,

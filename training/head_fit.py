@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from training.adaptive import stratified_folds
+from training.adaptive import out_of_fold_logits
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,12 @@ def cross_fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     """Pick L2 by K-fold out-of-fold NLL, then fit the head on every example with it."""
     scale = features.norm(dim=1).mean().clamp(min=1e-6)
     features = features / scale  # the grid is meant for features of unit norm on average
-    fold_of = stratified_folds(labels, folds, seed)
     best: tuple[float, float, torch.Tensor] | None = None
     for l2 in l2_grid:
-        logits = torch.empty(len(labels), num_classes)
-        for fold in range(folds):
-            held = fold_of == fold
-            weight = fit_logistic(features[~held], labels[~held], num_classes, l2, class_weights)
-            logits[held] = features[held] @ weight.T
+        def score(_: int, train: torch.Tensor, held: torch.Tensor, l2: float = l2) -> torch.Tensor:
+            return features[held] @ fit_logistic(features[train], labels[train], num_classes, l2, class_weights).T
+
+        logits = out_of_fold_logits(labels, num_classes, folds, seed, score)
         nll = float(F.cross_entropy(logits, labels))
         logger.info("head fit: l2 %.0e → out-of-fold NLL %.4f, accuracy %.4f", l2, nll,
                     float((logits.argmax(dim=1) == labels).float().mean()))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,18 +24,16 @@ from training.adaptive import (
     adapt_batch_size,
     adapt_epochs,
     check_enough_examples,
+    out_of_fold_logits,
     resolve_class_weights,
     resolve_folds,
     resolve_freeze,
-    stratified_folds,
 )
 from training.common import finish_checkpoint, lineage
 from training.head_fit import cross_fit_head
-from training.image_data import ImageDataset, normalize, stratified_split
+from training.image_data import ImageDataset, stratified_split
+from training.image_task import ImageBatches, ImageRunOptions, evaluation_batches, recipe_for_finetune
 from training.loop import discard_training_state, fit, predict_logits, seeded_generator
-
-if TYPE_CHECKING:
-    from training.image_task import ImageRunOptions
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +56,12 @@ def freeze_backbone(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def head_features(model: nn.Module, data: ImageDataset, mean: list[float], std: list[float],
-                  batch_size: int = 500) -> torch.Tensor:
+def head_features(model: nn.Module, data: ImageDataset, mean: list[float], std: list[float]) -> torch.Tensor:
     """(N, D) features the classifier reads, over the model's test-time views, in eval mode."""
     model.eval()
-    chunks = []
-    for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start:start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-        chunks.append(cast(Any, model).head_features(images).float())
-    return torch.cat(chunks)
+    device = next(model.parameters()).device
+    return torch.cat([cast(Any, model).head_features(images.to(device)).float().cpu()
+                      for (images,), _ in evaluation_batches(data, mean, std)])
 
 
 def plan_finetune(options: ImageRunOptions, data: ImageDataset) -> DataPlan:
@@ -110,14 +105,12 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
         logger.info("backbone frozen: %d parameters", frozen)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     if plan.calibration_folds:
-        fold_of = stratified_folds(data.labels, plan.calibration_folds, options.seed)
-        logits = torch.empty(len(data), len(data.classes))
-        for fold in range(plan.calibration_folds):
+        def score(fold: int, train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
             model.load_state_dict(initial)
-            held = fold_of == fold
-            train, scored = data.subset(torch.nonzero(~held).flatten()), data.subset(torch.nonzero(held).flatten())
-            _train(options, parent.architecture, model, train, plan, device, mean, std, f"fold {fold + 1}")
-            logits[held], _ = predict_logits(model, _batches(scored, mean, std), device)
+            _train(options, parent.architecture, model, data.subset(train), plan, device, mean, std, f"fold {fold + 1}")
+            return predict_logits(model, evaluation_batches(data.subset(held), mean, std), device)[0]
+
+        logits = out_of_fold_logits(data.labels, len(data.classes), plan.calibration_folds, options.seed, score)
         model.load_state_dict(initial)
         history, details = _train(options, parent.architecture, model, data, plan, device, mean, std, "all")
         details.update(train_images=len(data), validation_images=len(data),
@@ -126,23 +119,15 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
     train, validation = data.subset(train_idx), data.subset(val_idx)
     history, details = _train(options, parent.architecture, model, train, plan, device, mean, std, "train", validation)
-    val_logits, val_labels = predict_logits(model, _batches(validation, mean, std), device)
+    val_logits, val_labels = predict_logits(model, evaluation_batches(validation, mean, std), device)
     details.update(train_images=len(train), validation_images=len(validation))
     return _write(options, model, parent, data, val_logits, val_labels, history, plan, details, mean, std)
-
-
-def _batches(data: ImageDataset, mean: list[float], std: list[float], batch_size: int = 500):  # type: ignore[no-untyped-def]
-    for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start:start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
-        yield (images,), data.labels[start:start + batch_size]
 
 
 def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train: ImageDataset, plan: DataPlan,
            device: torch.device, mean: list[float], std: list[float], label: str,
            validation: ImageDataset | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """The architecture's transfer recipe with batch size, epochs and learning rate scaled to ``train``."""
-    from training.image_task import ImageBatches, recipe_for_finetune
-
     loop, recipe_batch_size, flip = recipe_for_finetune(options, architecture)
     batch_size = options.batch_size or adapt_batch_size(recipe_batch_size, len(train))
     if "lr" not in options.loop:  # linear scaling with the batch size
@@ -157,7 +142,7 @@ def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train:
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         assert validation is not None
-        return predict_logits(m, _batches(validation, mean, std), device)
+        return predict_logits(m, evaluation_batches(validation, mean, std), device)
 
     history = fit(model, source, loop, device=device, validate=validate if validation is not None else None,
                   state_dir=state_dir, description=f"fine-tune ({label})")

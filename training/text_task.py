@@ -30,9 +30,9 @@ from training.adaptive import (
     adapt_batch_size,
     adapt_epochs,
     check_enough_examples,
+    out_of_fold_logits,
     resolve_class_weights,
     resolve_folds,
-    stratified_folds,
 )
 from training.calibration import fit_score_power
 from training.common import finish_checkpoint, lineage, pick_device
@@ -183,18 +183,17 @@ def cross_fitted_logits(options: TextRunOptions, prepared: PreparedText, folds: 
     as scikit-learn's ``CalibratedClassifierCV(ensemble=False)`` does.
     """
     data = prepared.data
-    fold_of = stratified_folds(data.labels, folds, options.split_seed)
     tokens = cached_tokens(data, prepared.preprocessing)  # once, not once per fold
-    logits = torch.empty(len(data), len(data.classes))
-    for fold in range(folds):
-        train_idx = torch.nonzero(fold_of != fold).flatten()
-        val_idx = torch.nonzero(fold_of == fold).flatten()
+
+    def score(fold: int, train_idx: torch.Tensor, val_idx: torch.Tensor) -> torch.Tensor:
         fold_prepared = prepare_split(options, data, prepared.preprocessing, train_idx, val_idx, tokens)
         model, _, _ = train_text_model(options, fold_prepared)
-        logits[val_idx] = validation_logits(model, fold_prepared, options.device)
-        accuracy = float((logits[val_idx].argmax(dim=1) == data.labels[val_idx]).float().mean())
+        logits = validation_logits(model, fold_prepared, options.device)
+        accuracy = float((logits.argmax(dim=1) == data.labels[val_idx]).float().mean())
         logger.info("fold %d/%d: %d held-out posts, accuracy %.4f", fold + 1, folds, len(val_idx), accuracy)
-    return logits, data.labels
+        return logits
+
+    return out_of_fold_logits(data.labels, len(data.classes), folds, options.split_seed, score), data.labels
 
 
 def prepare_full_refit(options: TextRunOptions, prepared: PreparedText) -> PreparedText:
