@@ -123,7 +123,8 @@ class Service:
         try:
             registry = await asyncio.to_thread(load_registry, settings, self.device, self.tokenizer)
             self._start_tokenizer(registry)
-            worker = InferenceWorker(self.device, settings.max_batch_size, settings.max_wait_ms, settings.max_queue)
+            worker = InferenceWorker(self.device, settings.max_batch_size, settings.max_wait_ms, settings.max_queue,
+                                     settings.max_batch_tokens)
             if settings.warmup:
                 for served in registry.models:
                     await worker.warm_up(served, warmup_batch_sizes(self.device, settings.max_batch_size))

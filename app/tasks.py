@@ -44,6 +44,7 @@ class TaskRunner(abc.ABC):
     # if it cannot be built, the eager model serves.
     compiled: Forward | None = None
     compile_pending: bool = False  # asked for (TRACE_MODELS on a CPU) and not yet tried
+    costs_tokens: ClassVar[bool] = False  # an item's cost is its tokens, bounded per batch (MAX_BATCH_TOKENS)
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  compile_model: bool = False) -> None:
@@ -92,6 +93,10 @@ class TaskRunner(abc.ABC):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch)  # (B, classes) logits
+
+    def item_cost(self, payload: Any) -> int:
+        """What one payload adds to its batch's work, for the worker's fair queue (see app.worker)."""
+        return 1
 
 
 class ImageRunner(TaskRunner):
@@ -148,6 +153,7 @@ class TextRunner(TaskRunner):
 
     task = "text"
     source: EncoderSource
+    costs_tokens = True  # a batch is padded to its longest text: its work is its size times that
 
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD, script: bool = False) -> None:
@@ -178,6 +184,9 @@ class TextRunner(TaskRunner):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.compiled(batch["token_ids"]) if self.compiled is not None else model(**batch)
+
+    def item_cost(self, payload: Any) -> int:
+        return len(payload)  # its tokens
 
     def warmup_payload(self) -> Any:
         return _warmup_ids(self)

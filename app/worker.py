@@ -3,10 +3,19 @@
 Requests put one item per input into the queue and await the items' futures. The worker takes
 the first waiting item, then gathers more, up to ``max_batch_size``, for at most ``max_wait_ms``,
 and only while more are on their way (requests still decoding); so a lone client pays no batching
-delay and a busy server fills its batches. Items are grouped per model and each group runs in the
-worker's single inference thread under ``torch.inference_mode`` (with the runner's autocast: see ``PRECISION``). A CUDA
-out-of-memory error splits the group in halves and retries; any other exception fails only that
-group's items. Items whose deadline passed before their batch started are answered 504.
+delay and a busy server fills its batches.
+
+The queue is fair between requests, not first come first served: each item carries a cost (its
+tokens for a text, 1 for an image) and a start tag (start-time fair queueing: a request's first item
+starts at the worker's current virtual time, each next one where the previous one's cost ends), and
+batches take items in tag order. A request of one short text that arrives behind another's 64 long
+ones is in the next batch, not the last. A batch also stops at ``max_batch_tokens`` padded tokens
+(its items times its longest), so no batch of long texts holds the worker for long.
+
+Items are grouped per model and each group runs in the worker's single inference thread under
+``torch.inference_mode`` (with the runner's autocast: see ``PRECISION``). A CUDA out-of-memory error
+splits the group in halves and retries; any other exception fails only that group's items. Items
+whose deadline passed before their batch started are answered 504.
 """
 
 from __future__ import annotations
@@ -14,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import heapq
+import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -56,15 +66,54 @@ class WorkItem:
     future: asyncio.Future[torch.Tensor]
     enqueued: float
     deadline: float
+    cost: int = 1  # what it adds to its batch's work: tokens for a text, 1 for an image
+    start_tag: float = 0.0  # fair-queueing order (see the module docstring)
+    sequence: int = 0  # ties in arrival order
+
+    def __lt__(self, other: WorkItem) -> bool:
+        return (self.start_tag, self.sequence) < (other.start_tag, other.sequence)
+
+
+class _FairQueue:
+    """Items in start-tag order: the virtual time is the tag of the last item taken, and a request's
+    items are tagged from there, each one its predecessor's cost later."""
+
+    def __init__(self) -> None:
+        self._heap: list[WorkItem] = []
+        self._sequence = itertools.count()
+        self.virtual_time = 0.0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def extend(self, items: Sequence[WorkItem]) -> None:
+        tag = self.virtual_time
+        for item in items:
+            item.start_tag, item.sequence = tag, next(self._sequence)
+            tag += item.cost
+            heapq.heappush(self._heap, item)
+
+    def peek(self) -> WorkItem:
+        return self._heap[0]
+
+    def popleft(self) -> WorkItem:
+        item = heapq.heappop(self._heap)
+        self.virtual_time = max(self.virtual_time, item.start_tag)
+        return item
 
 
 class InferenceWorker:
-    def __init__(self, device: torch.device, max_batch_size: int, max_wait_ms: float, max_queue: int) -> None:
+    def __init__(self, device: torch.device, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 max_batch_tokens: int | None = None) -> None:
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
-        self._queue: deque[WorkItem] = deque()
+        self.max_batch_tokens = max_batch_tokens  # padded tokens in one batch of texts (None: no bound)
+        self._queue = _FairQueue()
         self._arrived = asyncio.Event()
         self._preparing = 0  # requests admitted and still preparing their inputs
         self._preparing_items = 0  # their items: admitted, not yet queued
@@ -132,7 +181,8 @@ class InferenceWorker:
             self._release(admission)
         loop = asyncio.get_running_loop()
         now = loop.time()
-        items = [WorkItem(served, payload, loop.create_future(), now, deadline) for payload in payloads]
+        items = [WorkItem(served, payload, loop.create_future(), now, deadline, served.runner.item_cost(payload))
+                 for payload in payloads]
         self._queue.extend(items)
         metrics.QUEUE_DEPTH.set(len(self._queue))
         self._arrived.set()
@@ -190,12 +240,18 @@ class InferenceWorker:
         await self._wait_for_item(None)
         loop = asyncio.get_running_loop()
         batch: list[WorkItem] = []
+        longest = 0  # the batch's largest cost: texts are padded to it
         until = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
             if self._queue:
-                item = self._queue.popleft()
-                if not item.future.done():  # cancelled: its request timed out or went away
-                    batch.append(item)
+                item = self._queue.peek()
+                if item.future.done():  # cancelled: its request timed out or went away
+                    self._queue.popleft()
+                    continue
+                if batch and not self._fits(item, len(batch), longest):
+                    break  # it heads the next batch
+                batch.append(self._queue.popleft())
+                longest = max(longest, item.cost)
                 continue
             if not batch:
                 await self._wait_for_item(None)
@@ -204,6 +260,12 @@ class InferenceWorker:
                 break
         metrics.QUEUE_DEPTH.set(len(self._queue))
         return batch
+
+    def _fits(self, item: WorkItem, size: int, longest: int) -> bool:
+        """Whether ``item`` joins a batch of ``size`` items padded to ``longest`` within the token budget."""
+        if self.max_batch_tokens is None or not item.served.runner.costs_tokens:
+            return True
+        return (size + 1) * max(longest, item.cost) <= self.max_batch_tokens
 
     async def _run(self) -> None:
         while True:

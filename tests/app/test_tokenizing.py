@@ -24,6 +24,7 @@ from servicekit import save_fusion_model
 from app.errors import InvalidInput, Unavailable
 from app.tasks import MultimodalRunner, Pair
 from app.tokenizing import (
+    GENERAL_NICENESS,
     GROUP_TEXTS_READ,
     EncoderSource,
     TokenizerPool,
@@ -418,6 +419,32 @@ def test_requests_of_one_turn_group_short_texts_apart_from_long_ones(model_dir: 
     sent = _fake_children(pool)
     asyncio.run(_each(pool, source, encoder, [["a"], LONG_TEXTS, ["bb"]]))
     assert sorted(sent, key=lambda job: sum(map(len, job))) == [["a", "bb"], LONG_TEXTS]
+
+
+def test_general_children_run_at_a_lower_cpu_priority_than_the_express_one(model_dir: Path) -> None:
+    pool = TokenizerPool(2, result_timeout_s=30)
+    _start(pool)
+    try:
+        general, express = pool._slots
+        service = os.getpriority(os.PRIO_PROCESS, 0)
+        assert general.pid is not None and express.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, general.pid) == min(19, service + GENERAL_NICENESS)
+        assert os.getpriority(os.PRIO_PROCESS, express.pid) == service
+        killed = general.pid
+        os.kill(killed, signal.SIGKILL)  # a replacement child is started at the same priority
+        _wait(lambda: general.pid not in (None, killed), "no new general child in 60 s")
+        replacement = general.pid
+        assert replacement is not None  # it lowers its priority before it reports ready
+        _wait(lambda: os.getpriority(os.PRIO_PROCESS, replacement) == min(19, service + GENERAL_NICENESS),
+              "the new general child kept the service's priority", timeout=30)
+    finally:
+        pool.shutdown()
+
+
+def test_one_child_keeps_the_service_priority(pool: TokenizerPool) -> None:
+    (only,) = pool._slots
+    assert only.pid is not None
+    assert os.getpriority(os.PRIO_PROCESS, only.pid) == os.getpriority(os.PRIO_PROCESS, 0)
 
 
 def test_a_small_job_is_answered_while_a_large_one_holds_the_general_child(model_dir: Path) -> None:

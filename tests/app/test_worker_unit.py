@@ -1,8 +1,9 @@
-"""The worker in-process: out-of-memory on a single item, and cancelled items are skipped."""
+"""The worker in-process: out-of-memory on a single item, cancelled items are skipped, and the fair queue."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,100 @@ def test_a_compiled_forward_is_used_only_once_it_has_run_its_warm_up() -> None:
             await worker.stop(1)
 
     asyncio.run(scenario())
+
+
+# ---- the fair queue: a short request is not served after another's long texts ----------------------
+
+class _TokenRunner(_Runner):
+    """Payloads are 1-D "token" tensors; the forward records each batch's lengths and returns zeros."""
+
+    task = "text"
+    costs_tokens = True
+
+    def __init__(self, batches: list[list[int]], first_batch_s: float = 0.0) -> None:
+        self.batches, self.first_batch_s = batches, first_batch_s
+
+    def collate(self, payloads: Any) -> dict[str, torch.Tensor]:
+        self.batches.append([len(payload) for payload in payloads])
+        if len(self.batches) == 1:
+            time.sleep(self.first_batch_s)  # in the inference thread: the batch is running meanwhile
+        return {"x": torch.zeros(len(payloads), 2)}
+
+    def item_cost(self, payload: Any) -> int:
+        return len(payload)
+
+
+def _text_served(batches: list[list[int]], first_batch_s: float = 0.0) -> ServedModel:
+    manifest = Manifest(name="t", task="text", architecture="x", config={}, classes=["a", "b"], preprocessing={})
+    return ServedModel("t", manifest, _Identity(), _TokenRunner(batches, first_batch_s), Path("."), torch.device("cpu"))
+
+
+def _run_requests(requests: list[list[int]], max_batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Queue each request's texts (token counts) while the worker is held, then let it run; the batches it made."""
+    batches: list[list[int]] = []
+
+    async def scenario() -> None:
+        worker = InferenceWorker(torch.device("cpu"), max_batch_size, 0, 1000, max_batch_tokens)
+        served = _text_served(batches)
+        deadline = asyncio.get_running_loop().time() + 10
+        submitted = [asyncio.ensure_future(worker.submit(served, [torch.zeros(n) for n in lengths], deadline))
+                     for lengths in requests]
+        await asyncio.sleep(0)  # every request queued before the worker takes its first batch
+        worker.start()
+        try:
+            await asyncio.gather(*submitted)
+        finally:
+            await worker.stop(1)
+
+    asyncio.run(scenario())
+    return batches
+
+
+def test_a_short_request_queued_behind_a_long_one_is_in_its_first_batch() -> None:
+    batches = _run_requests([[1000] * 16, [10]], max_batch_size=32, max_batch_tokens=4000)
+    # both start at virtual time 0: the short text follows the long request's first text, and the
+    # token budget closes the batch at 4 texts padded to 1,000 tokens
+    assert batches[0] == [1000, 10, 1000, 1000]
+    assert len(batches) == 5
+    assert sorted(length for batch in batches for length in batch) == [10] + [1000] * 16
+
+
+def test_batches_keep_to_the_token_budget_and_a_longer_text_runs_alone() -> None:
+    batches = _run_requests([[300] * 10, [5000], [20] * 3], max_batch_size=32, max_batch_tokens=1000)
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(batch) <= 1000
+    assert [5000] in batches
+    assert sorted(length for batch in batches for length in batch) == sorted([300] * 10 + [5000] + [20] * 3)
+
+
+def test_without_a_token_budget_batches_fill_to_max_batch_size() -> None:
+    batches = _run_requests([[1000] * 5, [10]], max_batch_size=4, max_batch_tokens=None)
+    assert batches == [[1000, 10, 1000, 1000], [1000, 1000]]
+
+
+def test_requests_take_turns_item_by_item() -> None:
+    # two requests of equal items: their start tags interleave, so each batch holds both
+    batches = _run_requests([[7] * 4, [8] * 4], max_batch_size=4, max_batch_tokens=None)
+    assert batches == [[7, 8, 7, 8], [7, 8, 7, 8]]
+
+
+def test_a_short_request_arriving_while_long_texts_run_heads_the_next_batch() -> None:
+    batches: list[list[int]] = []
+
+    async def scenario() -> None:
+        worker = InferenceWorker(torch.device("cpu"), 32, 0, 1000, 4000)
+        served = _text_served(batches, first_batch_s=0.3)
+        deadline = asyncio.get_running_loop().time() + 10
+        worker.start()
+        try:
+            long = asyncio.ensure_future(worker.submit(served, [torch.zeros(1000)] * 16, deadline))
+            while not batches:  # the first batch of long texts is running
+                await asyncio.sleep(0.001)
+            await worker.submit(served, [torch.zeros(10)], deadline)
+            await long
+        finally:
+            await worker.stop(1)
+
+    asyncio.run(scenario())
+    assert batches[0] == [1000] * 4
+    assert batches[1][0] == 10  # before the long request's other 12 texts
