@@ -3,11 +3,13 @@
 Known failures are ``ServiceError`` subclasses carrying their status and a message a person can act
 on; they answer ``{"detail": message}``. Request validation errors answer 422 with a readable
 ``detail`` plus FastAPI's ``errors`` list. Anything else is logged with its traceback and answered
-with a plain-text 500 that leaks nothing.
+with a plain-text 500 that leaks nothing. Under ``/v2`` (the Open Inference Protocol) the errors are
+rewritten to that protocol's ``{"error": message}`` by ``ProtocolErrorMiddleware``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -18,6 +20,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.middleware import route_path
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +152,60 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(InferenceFailed, _inference_failed)
     app.add_exception_handler(Exception, _unexpected)
+
+
+def protocol_error(status: int, body: bytes) -> tuple[int, bytes]:
+    """An error answer as the Open Inference Protocol gives it: ``{"error": message}``, and 400 for
+    invalid input (the protocol has no 422)."""
+    status = 400 if status == 422 else status
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("detail"), str):
+        message = parsed["detail"]
+    elif isinstance(parsed, dict):
+        return status, body  # a body of its own shape (the protocol's {"error": …}, or {"ready": false})
+    else:
+        message = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    return status, json.dumps({"error": message}).encode()
+
+
+class ProtocolErrorMiddleware:
+    """Rewrites each error answer (status 400 and up) under ``prefix`` with ``protocol_error``: those
+    of the exception handlers (``install_error_handlers``) and the refusals of the middleware inside
+    this one (401, 408, 413, 415, 503), which answer before any route runs. Successful answers pass
+    untouched; so does the plain 500 for an unexpected exception, which Starlette answers outside
+    all middleware."""
+
+    def __init__(self, app: ASGIApp, prefix: str = "/v2") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope) if scope["type"] == "http" else ""
+        if not (path == self.prefix or path.startswith(self.prefix + "/")):
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def rewriting_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and int(message["status"]) >= 400:
+                start = message  # held until the body is complete: error bodies are a few hundred bytes
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            status, body = protocol_error(int(start["status"]), b"".join(chunks))
+            headers = [(key, value) for key, value in start.get("headers", [])
+                       if key.lower() not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({**start, "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewriting_send)

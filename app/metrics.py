@@ -38,7 +38,7 @@ TOKENIZER_RESTARTS = Counter("crossmodal_tokenizer_restarts_total",
 TEXTS_TOKENISED = Counter("crossmodal_texts_tokenised_total", "texts tokenised, by where (process or thread)",
                           ["where"])
 
-UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
 API_PREFIX = "/v1/"
 
 

@@ -164,21 +164,31 @@ class BodyTimeout(HTTPException):
 
 class BodyLimitMiddleware:
     """Checks each request's body against its route's ``BodyRule`` (``default`` for paths not in
-    ``rules``): length and type before reading, size while receiving, and ``body_timeout`` between one
-    part of the body and the next (an inactivity deadline: a slow upload that keeps moving may take longer)."""
+    ``rules``, whose keys are paths or path patterns such as ``/v2/models/{name}/infer``): length and
+    type before reading, size while receiving, and ``body_timeout`` between one part of the body and
+    the next (an inactivity deadline: a slow upload that keeps moving may take longer)."""
 
     def __init__(self, app: ASGIApp, default: BodyRule, rules: Mapping[str, BodyRule] | None = None,
                  body_timeout: float = 30.0) -> None:
         self.app = app
         self.default = default
-        self.rules = dict(rules or {})
+        self.rules = {path: rule for path, rule in (rules or {}).items() if "{" not in path}
+        # a parameter matches one path segment, as in the routes
+        self.patterns = [(re.compile("^" + re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(path)) + "$"), rule)
+                         for path, rule in (rules or {}).items() if "{" in path]
         self.body_timeout = body_timeout
+
+    def rule_for(self, path: str) -> BodyRule:
+        rule = self.rules.get(path)
+        if rule is None:
+            rule = next((rule for pattern, rule in self.patterns if pattern.match(path)), self.default)
+        return rule
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rule = self.rules.get(route_path(scope), self.default)
+        rule = self.rule_for(route_path(scope))
         declared = _header(scope, b"content-length")
         if declared is not None and not declared.strip().isdigit():
             await _refuse(send, 400, "the Content-Length header must be a whole number of bytes")

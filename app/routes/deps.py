@@ -71,10 +71,41 @@ def check_unicode(text: str, name: str) -> None:
                            f"character {error.start}") from None
 
 
+def checked_text(text: str, name: str, limit: int, required: bool = True) -> str | None:
+    """A client's text as the text routes accept it: 422 when empty or only whitespace (or None where
+    ``required`` is false), longer than ``limit`` (MAX_TEXT_CHARS) or not valid Unicode."""
+    if not text.strip():
+        if required:
+            raise InvalidInput(f"{name} is empty or only whitespace")
+        return None
+    if len(text) > limit:
+        raise InvalidInput(f"{name} has {len(text):,} characters; at most {limit:,} are accepted (MAX_TEXT_CHARS)")
+    check_unicode(text, name)
+    return text
+
+
 async def classify(
     request: Request, service: Service, served: ServedModel, inputs: Sequence[Any], names: Sequence[str], top_k: int
 ) -> Response:
-    """Prepare ``inputs`` off the event loop, run them through the worker, answer with predictions.
+    """Prepare ``inputs`` off the event loop, run them through the worker, answer with predictions."""
+    probabilities = await predict(request, service, served, inputs, names)
+    if probabilities is None:
+        return Response(status_code=499)  # nobody is listening; the status only shows in logs and metrics
+    body = ClassifyResponse(
+        model=ModelRef(name=served.name, version=served.manifest.version, task=served.task),
+        predictions=[to_prediction(row, served.classes, top_k) for row in probabilities],
+        request_id=request_id(request),
+    )
+    # Serialised here, once: returned as a model, FastAPI would validate it against response_model
+    # again and encode it in two steps; the route's response_model still documents it.
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def predict(
+    request: Request, service: Service, served: ServedModel, inputs: Sequence[Any], names: Sequence[str]
+) -> list[torch.Tensor] | None:
+    """The calibrated distribution of each of ``inputs`` ((classes,) each, in order), or None if the
+    client went away first.
 
     The request counts against ``MAX_QUEUE`` from here until its items are in a batch; its deadline
     covers decoding and tokenising. If its client goes away meanwhile, the request stops waiting:
@@ -94,16 +125,9 @@ async def classify(
             if not work.done():
                 work.cancel()  # its queued items are skipped by the worker
         if not work.done() or work.cancelled():
-            return Response(status_code=499)  # nobody is listening; the status only shows in logs and metrics
-        probabilities = work.result()
-    body = ClassifyResponse(
-        model=ModelRef(name=served.name, version=served.manifest.version, task=served.task),
-        predictions=[to_prediction(row, served.classes, top_k) for row in probabilities],
-        request_id=request_id(request),
-    )
-    # Serialised here, once: returned as a model, FastAPI would validate it against response_model
-    # again and encode it in two steps; the route's response_model still documents it.
-    return Response(body.model_dump_json(), media_type="application/json")
+            return None
+        probabilities: list[torch.Tensor] = work.result()
+    return probabilities
 
 
 async def _prepare_and_run(service: Service, served: ServedModel, worker: InferenceWorker, inputs: Sequence[Any],

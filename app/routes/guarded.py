@@ -41,11 +41,15 @@ def _body_model(route: APIRoute) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
-class _TooManyValues(Exception):
+class JsonTooCostly(Exception):
+    """A body that ``BoundedParser`` stopped reading: more values or deeper nesting than its budget."""
+
+
+class _TooManyValues(JsonTooCostly):
     pass
 
 
-class _TooDeep(Exception):
+class _TooDeep(JsonTooCostly):
     pass
 
 

@@ -10,7 +10,7 @@ from app.routes.deps import (
     ServiceDep,
     TopKQuery,
     check_item_count,
-    check_unicode,
+    checked_text,
     classify,
     error_responses,
 )
@@ -35,13 +35,7 @@ async def classify_texts(
         raise InvalidInput("send either 'texts' (a list) or 'text' (one string), not both")
     texts = body.texts if body.texts is not None else ([] if body.text is None else [body.text])
     check_item_count(len(texts), service, "texts")
-    limit = service.settings.max_text_chars
     for index, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidInput(f"text {index} is empty or only whitespace")
-        if len(text) > limit:
-            raise InvalidInput(f"text {index} has {len(text):,} characters; at most {limit:,} are accepted "
-                               "(MAX_TEXT_CHARS)")
-        check_unicode(text, f"text {index}")
+        checked_text(text, f"text {index}", service.settings.max_text_chars)
     names = [f"text {index}" for index in range(len(texts))]
     return await classify(request, service, served, texts, names, top_k)
