@@ -20,16 +20,16 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from app.errors import InvalidImage, PayloadTooLarge, ServiceError, UnsupportedFormat
+from models.preprocessing import ImagePreprocessing
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-RESAMPLING = {
+RESAMPLING = {  # a filter for each of models.preprocessing.RESIZE_FILTERS
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -167,27 +167,25 @@ def check_request_pixels(pixels: int, budget: int) -> None:
                               "smaller images")
 
 
-def image_to_tensor(image: Image.Image, preprocessing: dict[str, Any]) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, preprocessing: ImagePreprocessing) -> torch.Tensor:
     """RGB image → uint8 (3, S, S), resized as the checkpoint's ``preprocessing`` says."""
-    size = int(preprocessing["size"])
-    resample = RESAMPLING.get(str(preprocessing.get("resize", "bilinear")), Image.Resampling.BILINEAR)
+    size = preprocessing.size
     if image.size != (size, size):
-        image = image.resize((size, size), resample)
+        image = image.resize((size, size), RESAMPLING[preprocessing.resize])
     array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
     return torch.from_numpy(array.transpose(2, 0, 1).copy())  # (3, S, S)
 
 
-def prepare_image(data: bytes, preprocessing: dict[str, Any], max_pixels: int) -> torch.Tensor:
+def prepare_image(data: bytes, preprocessing: ImagePreprocessing, max_pixels: int) -> torch.Tensor:
     """Untrusted bytes → uint8 (3, S, S); raises ``ServiceError`` subclasses for bad input."""
-    size = int(preprocessing["size"])
-    return image_to_tensor(decode_image(data, max_pixels, draft_size=size), preprocessing)
+    return image_to_tensor(decode_image(data, max_pixels, draft_size=preprocessing.size), preprocessing)
 
 
-def prepare_images(images: list[bytes | None], preprocessing: dict[str, Any], max_pixels: int,
+def prepare_images(images: list[bytes | None], preprocessing: ImagePreprocessing, max_pixels: int,
                    request_pixels: int, names: list[str]) -> list[torch.Tensor | None]:
     """A request's images → uint8 (3, S, S) each (None stays None): every header is read and the
     request's pixel budget checked before the first pixel is decoded; errors name the image."""
-    size = int(preprocessing["size"])
+    size = preprocessing.size
     opened: list[Image.Image | None] = []
     total = 0
     for data, name in zip(images, names, strict=True):

@@ -26,8 +26,15 @@ from app.tracing import Forward, script_text_model, trace_image_model
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
-from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_sentence_tokenizer
+from models.fusion import (
+    FusionInputError,
+    collate_fusion_batch,
+    first_pair_without_a_side,
+    fusion_preprocessing,
+    load_fusion_sentence_tokenizer,
+)
 from models.precision import native_autocast_dtype
+from models.preprocessing import ImagePreprocessing, ImagePreprocessingError
 from models.text_encoding import PAD_ID, UNK_ID
 
 RunBlocking = Callable[..., Awaitable[Any]]  # run a function in the service's thread pool
@@ -114,17 +121,15 @@ class ImageRunner(TaskRunner):
         # caches (see Settings.cpu_image_slice). 0 = the whole batch in one call.
         self.slice_size = slice_size
         checkpoint.model.to(memory_format=torch.channels_last)  # what oneDNN and cuDNN convolve fastest
-        self.preprocessing = dict(checkpoint.manifest.preprocessing)
-        self.size = int(self.preprocessing["size"])
+        self.preprocessing = ImagePreprocessing.from_manifest(checkpoint.manifest)
         self.max_pixels = max_pixels
         self.request_pixels = request_pixels if request_pixels is not None else 64 * max_pixels
-        # training normalises uint8 with mean and std given on the 0–1 scale
-        self.mean = torch.tensor(self.preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(self.preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
+        self.scales = self.preprocessing.scales(device)  # made once, not per batch
 
     def _build_compiled(self) -> Forward | None:
         generator = torch.Generator().manual_seed(0)
-        example, check = (self.collate(list(torch.randint(0, 256, (n, 3, self.size, self.size), dtype=torch.uint8,
+        size = self.preprocessing.size
+        example, check = (self.collate(list(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8,
                                                           generator=generator)))["images"] for n in (2, 3))
         return trace_image_model(self.model, example, check, self.autocast_dtype)
 
@@ -133,7 +138,7 @@ class ImageRunner(TaskRunner):
 
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
         images = torch.stack(list(payloads)).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8
-        images = (images.float() - self.mean) / self.std
+        images = self.preprocessing.normalize(images, self.scales)
         return {"images": images.contiguous(memory_format=torch.channels_last)}
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -145,7 +150,8 @@ class ImageRunner(TaskRunner):
         return torch.cat([run(part) for part in images.tensor_split(slices)])
 
     def warmup_payload(self) -> Any:
-        return torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        size = self.preprocessing.size
+        return torch.zeros(3, size, size, dtype=torch.uint8)
 
 
 class TextRunner(TaskRunner):
@@ -215,11 +221,8 @@ class MultimodalRunner(TaskRunner):
                  tokenizer: TokenizerPool = IN_THREAD, request_pixels: int | None = None) -> None:
         super().__init__(checkpoint, device, precision)
         try:
-            image, _ = fusion_preprocessing(checkpoint.manifest)
-            self.image_preprocessing = image
-            self.size = int(image["size"])
-            self.mean, self.std = [float(v) for v in image["mean"]], [float(v) for v in image["std"]]
-        except (FusionInputError, KeyError, TypeError, ValueError) as error:
+            self.image_preprocessing, _ = fusion_preprocessing(checkpoint.manifest)
+        except (FusionInputError, ImagePreprocessingError) as error:
             raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
         self.source = EncoderSource(str(checkpoint.directory), self.task)
         self.encoder = load_encoder(self.source, checkpoint.manifest)
@@ -261,13 +264,13 @@ class MultimodalRunner(TaskRunner):
         WordPiece ids for a model with a sentence encoder."""
         rows = iter(encoded)
         token_ids = [None if pair.text is None else next(rows) for pair in pairs]
+        token_ids = [ids if ids is not None and len(ids) else None for ids in token_ids]  # no tokens: no text
+        missing = first_pair_without_a_side([image is not None for image in images], [ids is not None for ids in token_ids])
+        if missing is not None:  # the routes refuse a pair sent with neither side: here its text had no tokens
+            raise InvalidInput(f"{names[missing]}: its text has no tokens left after the model's preprocessing and "
+                               "it has no image; send a text with words in it, or an image")
         payloads = []
-        for index, (pair, image, ids) in enumerate(zip(pairs, images, token_ids, strict=True)):
-            if ids is not None and not len(ids):
-                ids = None
-            if image is None and ids is None:
-                raise InvalidInput(f"{names[index]}: its text has no tokens left after the model's preprocessing and "
-                                   "it has no image; send a text with words in it, or an image")
+        for pair, image, ids in zip(pairs, images, token_ids, strict=True):
             pieces = None
             if self.sentence_tokenizer is not None and ids is not None and pair.text is not None:
                 pieces = torch.tensor(self.sentence_tokenizer.encode(pair.text), dtype=torch.long)
@@ -277,13 +280,14 @@ class MultimodalRunner(TaskRunner):
     def collate(self, payloads: Sequence[Any]) -> dict[str, torch.Tensor]:
         sentence = [p.sentence_ids for p in payloads] if self.sentence_tokenizer is not None else None
         return collate_fusion_batch([p.image for p in payloads], [p.token_ids for p in payloads],
-                                    self.mean, self.std, self.size, self.device, sentence_ids=sentence)
+                                    self.image_preprocessing, self.device, sentence_ids=sentence)
 
     def warmup_payload(self) -> Any:
         pieces = None
         if self.sentence_tokenizer is not None:
             pieces = torch.tensor(self.sentence_tokenizer.encode("warm up"), dtype=torch.long)
-        return PairPayload(torch.zeros(3, self.size, self.size, dtype=torch.uint8), _warmup_ids(self), pieces)
+        size = self.image_preprocessing.size
+        return PairPayload(torch.zeros(3, size, size, dtype=torch.uint8), _warmup_ids(self), pieces)
 
 
 async def _or_nothing(work: Awaitable[Any] | None, nothing: Any) -> Any:

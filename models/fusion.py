@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from models.image_cnn import FastConvConfig, FastConvNet
+from models.preprocessing import ImagePreprocessing, ImagePreprocessingError
 from models.registry import register_model
 from models.sentence_encoder import SENTENCE_VOCAB_FILE, SentenceEncoder, SentenceEncoderConfig, WordPieceTokenizer
 from models.text_encoding import PAD_ID, UNK_ID, TextEncoder, TextEncodingError, TextPreprocessing, Vocabulary
@@ -53,7 +54,8 @@ for B pairs, item i being image i with text i, either of which may be absent:
 * images     float32 (B, 3, S, S): each present image decoded, converted to RGB, resized to S×S
              (bilinear, no aspect preservation: the image runner's rule), then standardised per
              channel as (pixel - 255·mean) / (255·std) with mean/std from
-             manifest.preprocessing["image"] (0–1 scale, as for image checkpoints). Zeros for an
+             manifest.preprocessing["image"] (0–1 scale, as for image checkpoints; read as
+             ``models.preprocessing.ImagePreprocessing``, whose ``normalize`` does this). Zeros for an
              absent image.
 * token_ids  int64 (B, T), T ≥ 1: each present text encoded with the checkpoint's own encoder
              (``load_fusion_text_encoder``: manifest.preprocessing["text"] and its vocabulary file,
@@ -84,6 +86,12 @@ def _masks(
     if text_mask is None:
         text_mask = torch.full((batch,), token_ids is not None, dtype=torch.bool, device=device)
     return image_mask.to(device=device, dtype=torch.bool), text_mask.to(device=device, dtype=torch.bool)
+
+
+def first_pair_without_a_side(has_image: Sequence[bool], has_text: Sequence[bool]) -> int | None:
+    """The index of the first pair with neither an image nor a text, or None: every pair needs a side."""
+    return next((index for index, (image, text) in enumerate(zip(has_image, has_text, strict=True))
+                 if not image and not text), None)
 
 
 def _batch_of(images: torch.Tensor | None, token_ids: torch.Tensor | None) -> tuple[int, torch.device]:
@@ -286,13 +294,14 @@ def build_fusion_joint(config: JointFusionConfig) -> nn.Module:
 
 # ---- what the service prepares -----------------------------------------------------------------
 
-def fusion_preprocessing(manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(image preprocessing, text preprocessing) of a multimodal manifest."""
+def fusion_preprocessing(manifest: Manifest) -> tuple[ImagePreprocessing, dict[str, Any]]:
+    """(image preprocessing, text preprocessing as its plain dict) of a multimodal manifest; a bad image
+    entry is an ``ImagePreprocessingError``."""
     values = manifest.preprocessing
     image, text = values.get("image"), values.get("text")
     if values.get("kind") != "multimodal" or not isinstance(image, dict) or not isinstance(text, dict):
         raise FusionInputError("multimodal preprocessing must be {'kind': 'multimodal', 'image': {...}, 'text': {...}}")
-    return dict(image), dict(text)
+    return ImagePreprocessing.from_dict(image), dict(text)
 
 
 def load_fusion_text_encoder(checkpoint_dir: str | Path, manifest: Manifest) -> TextEncoder:
@@ -303,7 +312,7 @@ def load_fusion_text_encoder(checkpoint_dir: str | Path, manifest: Manifest) -> 
         _, text = fusion_preprocessing(manifest)
         preprocessing = TextPreprocessing.from_dict(text)
         vocabulary = Vocabulary.from_json_bytes(read_extra_file(checkpoint_dir, manifest, preprocessing.vocab_file))
-    except (TextEncodingError, FusionInputError) as error:
+    except (TextEncodingError, FusionInputError, ImagePreprocessingError) as error:
         raise CheckpointError(f"{checkpoint_dir}: {error}") from None
     return TextEncoder(preprocessing, vocabulary)
 
@@ -335,11 +344,12 @@ def _pad_rows(rows: Sequence[torch.Tensor | None], batch: int) -> torch.Tensor:
 
 def collate_fusion_batch(
     images: Sequence[torch.Tensor | None], token_ids: Sequence[torch.Tensor | None],
-    mean: Sequence[float], std: Sequence[float], size: int, device: torch.device | str = "cpu",
+    preprocessing: ImagePreprocessing, device: torch.device | str = "cpu",
     sentence_ids: Sequence[torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-item uint8 (3, S, S) images and 1-D token ids (``None`` = absent), and for a model with a
-    sentence encoder each item's WordPiece ids, → the model's keyword inputs."""
+    sentence encoder each item's WordPiece ids, → the model's keyword inputs, the images standardised
+    as the checkpoint's image ``preprocessing`` says."""
     if len(images) != len(token_ids):
         raise FusionInputError(f"{len(images)} image slots but {len(token_ids)} text slots; pairs go by position")
     batch = len(images)
@@ -347,9 +357,10 @@ def collate_fusion_batch(
         raise FusionInputError("no pairs")
     image_mask = torch.tensor([image is not None for image in images], dtype=torch.bool)
     text_mask = torch.tensor([ids is not None and len(ids) > 0 for ids in token_ids], dtype=torch.bool)
-    if not bool((image_mask | text_mask).all()):
-        missing = int((~(image_mask | text_mask)).nonzero()[0])
+    missing = first_pair_without_a_side(image_mask.tolist(), text_mask.tolist())
+    if missing is not None:
         raise FusionInputError(f"pair {missing} has neither an image nor a text")
+    size = preprocessing.size
     pixels = torch.zeros(batch, 3, size, size, dtype=torch.uint8)  # (B, 3, S, S)
     for row, image in enumerate(images):
         if image is not None:
@@ -358,9 +369,7 @@ def collate_fusion_batch(
             pixels[row] = image
     ids_batch = _pad_rows(token_ids, batch)
     device = torch.device(device)
-    m = torch.tensor(list(mean), device=device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(list(std), device=device).view(1, -1, 1, 1) * 255
-    standardised = (pixels.to(device).float() - m) / s * image_mask.to(device).view(-1, 1, 1, 1)
+    standardised = preprocessing.normalize(pixels.to(device)) * image_mask.to(device).view(-1, 1, 1, 1)
     inputs = {"images": standardised, "token_ids": ids_batch.to(device), "image_mask": image_mask.to(device),
               "text_mask": text_mask.to(device)}
     if sentence_ids is not None:

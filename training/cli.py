@@ -1,6 +1,6 @@
 """The training command line: ``python -m training <command> …``.
 
-Commands: ``pretrain-image``, ``finetune-image``, ``evaluate`` (and the text and fusion commands
+Commands: ``pretrain-image``, ``finetune-image``, ``evaluate`` (and the text, fusion and export commands
 their modules add). Known failures (missing path, empty class folder, unreadable image, bad
 checkpoint) print one clear line and exit with status 2.
 """
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     evaluate.set_defaults(handler=_evaluate_command)
 
-    for module_name in ("training.text_cli", "training.fusion_cli"):
+    for module_name in ("training.text_cli", "training.fusion_cli", "training.export"):
         try:
             module = __import__(module_name, fromlist=["add_commands"])
         except ModuleNotFoundError as error:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import load_checkpoint
+from models.preprocessing import ImagePreprocessing
 from training.common import pick_device
 from training.image_data import load_image_folder
 from training.image_task import evaluation_batches
@@ -18,11 +19,11 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, dev
     manifest = loaded.manifest
     torch_device = pick_device(device)
     if manifest.task == "image":
-        dataset = load_image_folder(data, size=int(manifest.preprocessing["size"]))
+        preprocessing = ImagePreprocessing.from_manifest(manifest)
+        dataset = load_image_folder(data, size=preprocessing.size)
         if dataset.classes != manifest.classes:
             raise ValueError(f"{data} has classes {dataset.classes}, the checkpoint {manifest.classes}")
-        mean, std = manifest.preprocessing["mean"], manifest.preprocessing["std"]
-        batches = evaluation_batches(dataset, mean, std, batch_size)
+        batches = evaluation_batches(dataset, preprocessing, batch_size)
         logits, labels = predict_logits(loaded.model.to(torch_device), batches, torch_device)
     else:
         from training.text_evaluate import text_logits  # type: ignore[import-not-found]

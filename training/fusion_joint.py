@@ -25,7 +25,7 @@ from training.fusion_prep import (
     presence,
 )
 from training.fusion_transfer import init_joint
-from training.image_data import augment, normalize
+from training.image_data import augment
 from training.loop import Batch, fit, predict_logits, seeded_generator
 
 
@@ -44,7 +44,7 @@ class _JointBatches:
         image_mask, text_mask = presence(self.prep, rows, self.modalities)
         image_mask, text_mask = drop_modalities(image_mask, text_mask, self.rate, seeded_generator(self.seed, epoch, step, 7))
         images = augment(self.prep.data.images[rows], seeded_generator(self.seed, epoch, step, 3))
-        images = normalize(images, self.prep.mean, self.prep.std) * image_mask.view(-1, 1, 1, 1)
+        images = self.prep.image.normalize(images) * image_mask.view(-1, 1, 1, 1)
         ids = pad_batch([self.prep.ids[i] if bool(on) else [] for i, on in zip(rows.tolist(), text_mask, strict=True)],
                         self.max_tokens)
         return (images, ids, image_mask, text_mask), self.prep.data.labels[rows]
@@ -55,7 +55,7 @@ def joint_eval_batches(prep: Prepared, rows: torch.Tensor, modalities: Sequence[
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         image_mask, text_mask = presence(prep, chunk, modalities)
-        images = normalize(prep.data.images[chunk], prep.mean, prep.std) * image_mask.view(-1, 1, 1, 1)
+        images = prep.image.normalize(prep.data.images[chunk]) * image_mask.view(-1, 1, 1, 1)
         ids = pad_batch([prep.ids[i] if bool(on) else [] for i, on in zip(chunk.tolist(), text_mask, strict=True)], max_tokens)
         if prep.sentence_ids is None:
             yield (images, ids, image_mask, text_mask), prep.data.labels[chunk]
@@ -72,7 +72,7 @@ def build_joint(prep: Prepared, seed: int) -> tuple[JointFusionClassifier, dict[
         known = {f.name for f in dataclasses.fields(JointFusionConfig)}
         base = {k: v for k, v in prep.image_parent.manifest.config.items() if k in known}
     base.update(num_classes=len(prep.data.classes), modalities=("image", "text"), vocab_size=len(prep.vocabulary),
-                image_size=prep.image_size, max_text_tokens=min(prep.preprocessing.max_tokens, JOINT_TEXT_TOKENS))
+                image_size=prep.image.size, max_text_tokens=min(prep.preprocessing.max_tokens, JOINT_TEXT_TOKENS))
     if isinstance(base.get("modalities"), list):
         base["modalities"] = tuple(base["modalities"])
     model = JointFusionClassifier(JointFusionConfig(**base))

@@ -32,7 +32,6 @@ from training.fusion_sentence import sentence_embeddings
 from training.fusion_stacking import fit_scorer, load_linear, out_of_fold_scores
 from training.fusion_text import build_bag, feature_matrix
 from training.fusion_transfer import init_late_image_encoder, init_late_topic
-from training.image_data import normalize
 from training.loop import Batch, fit, predict_logits, seeded_generator
 from training.sentiment_lexicon import lexicon_tables, read_vader_lexicon
 
@@ -78,7 +77,7 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
     if prep.image_parent is not None:
         copied["image"] = init_late_image_encoder(model, prep.image_parent)
     else:
-        model.image_encoder.init_whitening(normalize(prep.data.images[image_rows[:2000]], prep.mean, prep.std))
+        model.image_encoder.init_whitening(prep.image.normalize(prep.data.images[image_rows[:2000]]))
     if prep.text_parent is not None and topic:
         copied["text"] = init_late_topic(model, prep.text_parent)
     model.eval()
@@ -119,7 +118,7 @@ def build_late(prep: Prepared, options: FusionOptions, seed: int) -> LateEncoded
 def _image_features(model: LateFusionClassifier, prep: Prepared, batch_size: int = 256) -> torch.Tensor:
     features = []
     for start in range(0, len(prep.data), batch_size):
-        images = normalize(prep.data.images[start:start + batch_size], prep.mean, prep.std)
+        images = prep.image.normalize(prep.data.images[start:start + batch_size])
         features.append(model.image_features(images))
     return torch.cat(features)  # (N, width)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from models.preprocessing import ImagePreprocessing
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
 from training.adaptive import class_weights, stratified_folds
 from training.fusion_data import PairDataset, load_pairs
@@ -23,7 +24,7 @@ from training.fusion_sentence import SentenceSource, load_sentence_source
 from training.fusion_stacking import ScorerOptions
 from training.fusion_text import BagOptions, build_vocabulary, tweet_preprocessing
 from training.fusion_transfer import Parent, TextParent, load_image_parent, load_text_parent
-from training.image_data import channel_stats, stratified_split
+from training.image_data import stratified_split
 from training.loop import LoopConfig, seeded_generator
 from training.metrics import classification_metrics
 
@@ -102,9 +103,7 @@ class Prepared:
     ids: list[list[int]]
     image_parent: Parent | None
     text_parent: TextParent | None
-    mean: list[float]
-    std: list[float]
-    image_size: int
+    image: ImagePreprocessing  # the run's image size, with the image parent's standardisation or the data's
     sentence: SentenceSource | None = None
     sentence_ids: list[list[int]] | None = None  # every pair's WordPiece ids, with ``sentence``
 
@@ -155,13 +154,15 @@ def prepare(options: FusionOptions, image_parent: Parent | None = None, text_par
                                   options.bag.min_freq)
     ids = [vocabulary.lookup(tokens) for tokens in token_lists]
     if image_parent is not None:
-        mean, std = list(image_parent.manifest.preprocessing["mean"]), list(image_parent.manifest.preprocessing["std"])
+        # the parent's standardisation at this run's size; resized as the pairs are decoded (bilinear)
+        parent_image = ImagePreprocessing.from_manifest(image_parent.manifest)
+        image = ImagePreprocessing(image_size, parent_image.mean, parent_image.std)
     else:
         with_image = train_idx[data.has_image[train_idx]]
-        mean, std = channel_stats(data.images[with_image])
+        image = ImagePreprocessing.from_images(data.images[with_image], image_size)
     sentence_ids = None if sentence is None else [sentence.tokenizer.encode(text) for text in data.texts]
     return Prepared(data, train_idx, val_idx, token_lists, preprocessing, vocabulary, ids, image_parent, text_parent,
-                    mean, std, image_size, sentence, sentence_ids)
+                    image, sentence, sentence_ids)
 
 
 def presence(prep: Prepared, indices: torch.Tensor, modalities: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

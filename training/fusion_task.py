@@ -50,8 +50,7 @@ def tfidf_svm_reference(prep: Prepared) -> dict[str, float]:
 def preprocessing_dict(prep: Prepared) -> dict[str, Any]:
     values: dict[str, Any] = {
         "kind": "multimodal",
-        "image": {"kind": "image", "size": prep.image_size, "mean": prep.mean, "std": prep.std, "color": "RGB",
-                  "resize": "bilinear"},
+        "image": prep.image.to_dict(),
         "text": prep.preprocessing.to_dict(),
         "inputs": "model(images, token_ids, image_mask, text_mask); see models.fusion.FUSION_INPUTS",
     }
@@ -146,7 +145,7 @@ def run_fusion_training(options: FusionOptions) -> dict[str, Any]:
         "majority_accuracy": float(torch.bincount(val_labels).max() / len(val_labels)),
         "train_pairs": len(shipped.train_idx), "validation_pairs": len(val_labels), "split_seed": options.split_seed,
         "calibration_folds": folds,
-        "modalities": list(options.modalities), "image_size": prep.image_size,
+        "modalities": list(options.modalities), "image_size": prep.image.size,
         "modality_dropout": options.modality_dropout,
         "class_weighting": options.class_weighting or RECIPES[options.arch]["class_weighting"],
         "bag": dataclasses.asdict(options.bag), "text_scorer": dataclasses.asdict(options.text_scorer),

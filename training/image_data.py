@@ -121,19 +121,6 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(train).sort().values, torch.cat(validation).sort().values
 
 
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, on the 0–1 scale."""
-    floats = images.float().div_(255)
-    return floats.mean(dim=(0, 2, 3)).tolist(), floats.std(dim=(0, 2, 3)).tolist()
-
-
-def normalize(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """uint8 (B, C, H, W) → float, standardised per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255
-    return (images.float() - m) / s
-
-
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True,
             flips: torch.Tensor | None = None) -> torch.Tensor:
     """Random translation (reflect-padded crop) and horizontal flip of a (B, C, H, W) batch.

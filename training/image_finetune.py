@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.checkpoint import load_checkpoint, new_manifest
+from models.preprocessing import ImagePreprocessing
 from training.adaptive import (
     DEFAULT_FOLDS,
     DataPlan,
@@ -56,12 +57,12 @@ def freeze_backbone(model: nn.Module) -> int:
 
 
 @torch.inference_mode()
-def head_features(model: nn.Module, data: ImageDataset, mean: list[float], std: list[float]) -> torch.Tensor:
+def head_features(model: nn.Module, data: ImageDataset, preprocessing: ImagePreprocessing) -> torch.Tensor:
     """(N, D) features the classifier reads, over the model's test-time views, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     return torch.cat([cast(Any, model).head_features(images.to(device)).float().cpu()
-                      for (images,), _ in evaluation_batches(data, mean, std)])
+                      for (images,), _ in evaluation_batches(data, preprocessing)])
 
 
 def plan_finetune(options: ImageRunOptions, data: ImageDataset) -> DataPlan:
@@ -80,7 +81,7 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
     if options.limit:
         data = data.subset(torch.randperm(len(data), generator=seeded_generator(options.seed))[:options.limit].sort().values)
     plan = plan_finetune(options, data)
-    mean, std = parent.preprocessing["mean"], parent.preprocessing["std"]
+    preprocessing = ImagePreprocessing.from_manifest(parent)  # the child standardises as its parent did
     model = loaded.model
     if parent.classes != data.classes:
         cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
@@ -91,7 +92,7 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
                 plan.freeze)
     if plan.freeze == "backbone" and hasattr(model, "head_features"):
         model.to(device)
-        features = head_features(model, data, mean, std)
+        features = head_features(model, data, preprocessing)
         folds = plan.calibration_folds or DEFAULT_FOLDS
         head = cross_fit_head(features, data.labels, len(data.classes), folds, options.seed, plan.class_weights)
         cast(Any, model).set_head(head.weight.to(device))
@@ -99,7 +100,8 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
         details: dict[str, Any] = {"method": "logistic regression on the frozen backbone's features", "l2": head.l2,
                                    "train_images": len(data), "validation_images": len(data),
                                    "validation": f"{folds}-fold out-of-fold predictions of every image"}
-        return _write(options, model, parent, data, head.out_of_fold_logits, data.labels, [], plan, details, mean, std)
+        return _write(options, model, parent, data, head.out_of_fold_logits, data.labels, [], plan, details,
+                      preprocessing)
     if plan.freeze == "backbone":
         frozen = freeze_backbone(model)
         logger.info("backbone frozen: %d parameters", frozen)
@@ -107,32 +109,33 @@ def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: tor
     if plan.calibration_folds:
         def score(fold: int, train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
             model.load_state_dict(initial)
-            _train(options, parent.architecture, model, data.subset(train), plan, device, mean, std, f"fold {fold + 1}")
-            return predict_logits(model, evaluation_batches(data.subset(held), mean, std), device)[0]
+            _train(options, parent.architecture, model, data.subset(train), plan, device, preprocessing, f"fold {fold + 1}")
+            return predict_logits(model, evaluation_batches(data.subset(held), preprocessing), device)[0]
 
         logits = out_of_fold_logits(data.labels, len(data.classes), plan.calibration_folds, options.seed, score)
         model.load_state_dict(initial)
-        history, details = _train(options, parent.architecture, model, data, plan, device, mean, std, "all")
+        history, details = _train(options, parent.architecture, model, data, plan, device, preprocessing, "all")
         details.update(train_images=len(data), validation_images=len(data),
                        validation=f"{plan.calibration_folds}-fold out-of-fold predictions of every image")
-        return _write(options, model, parent, data, logits, data.labels, history, plan, details, mean, std)
+        return _write(options, model, parent, data, logits, data.labels, history, plan, details, preprocessing)
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
     train, validation = data.subset(train_idx), data.subset(val_idx)
-    history, details = _train(options, parent.architecture, model, train, plan, device, mean, std, "train", validation)
-    val_logits, val_labels = predict_logits(model, evaluation_batches(validation, mean, std), device)
+    history, details = _train(options, parent.architecture, model, train, plan, device, preprocessing, "train",
+                              validation)
+    val_logits, val_labels = predict_logits(model, evaluation_batches(validation, preprocessing), device)
     details.update(train_images=len(train), validation_images=len(validation))
-    return _write(options, model, parent, data, val_logits, val_labels, history, plan, details, mean, std)
+    return _write(options, model, parent, data, val_logits, val_labels, history, plan, details, preprocessing)
 
 
 def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train: ImageDataset, plan: DataPlan,
-           device: torch.device, mean: list[float], std: list[float], label: str,
+           device: torch.device, preprocessing: ImagePreprocessing, label: str,
            validation: ImageDataset | None = None) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """The architecture's transfer recipe with batch size, epochs and learning rate scaled to ``train``."""
     loop, recipe_batch_size, flip = recipe_for_finetune(options, architecture)
     batch_size = options.batch_size or adapt_batch_size(recipe_batch_size, len(train))
     if "lr" not in options.loop:  # linear scaling with the batch size
         loop = dataclasses.replace(loop, lr=loop.lr * batch_size / recipe_batch_size)
-    source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
+    source = ImageBatches(train, batch_size, options.seed, preprocessing, flip=flip)
     if "epochs" not in options.loop:
         loop = dataclasses.replace(loop, epochs=adapt_epochs(loop.epochs, source.steps_per_epoch()))
     loop = dataclasses.replace(loop, class_weights=plan.class_weights)
@@ -142,7 +145,7 @@ def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train:
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         assert validation is not None
-        return predict_logits(m, evaluation_batches(validation, mean, std), device)
+        return predict_logits(m, evaluation_batches(validation, preprocessing), device)
 
     history = fit(model, source, loop, device=device, validate=validate if validation is not None else None,
                   state_dir=state_dir, description=f"fine-tune ({label})")
@@ -154,11 +157,11 @@ def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train:
 
 def _write(options: ImageRunOptions, model: nn.Module, parent: Any, data: ImageDataset, val_logits: torch.Tensor,
            val_labels: torch.Tensor, history: list[dict[str, float]], plan: DataPlan, details: dict[str, Any],
-           mean: list[float], std: list[float]) -> dict[str, Any]:
+           preprocessing: ImagePreprocessing) -> dict[str, Any]:
     manifest = new_manifest(
         options.name or options.output.name, "image", parent.architecture, cast(Any, model).config,
         classes=data.classes,
-        preprocessing={**parent.preprocessing, "mean": mean, "std": std},
+        preprocessing=preprocessing.to_dict(),
         data_fingerprint=data.fingerprint,
         parent=lineage(options.parent),
         training_command=options.command,

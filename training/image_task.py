@@ -15,9 +15,10 @@ from torch import nn
 
 from models import build_model
 from models.checkpoint import Manifest, new_manifest, read_manifest, save_checkpoint, sha256_file
+from models.preprocessing import ImagePreprocessing
 from training.adaptive import adapt_batch_size, adapt_epochs, check_enough_examples
 from training.common import code_version, command_line, finish_checkpoint, lineage, pick_device
-from training.image_data import ImageDataset, augment, channel_stats, load_image_folder, normalize, stratified_split
+from training.image_data import ImageDataset, augment, load_image_folder, stratified_split
 from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
 from training.metrics import plot_training_curves
 
@@ -36,6 +37,7 @@ IMAGE_RECIPES: dict[str, dict[str, Any]] = {
 
 
 FLIP_MODES = ("random", "alternating")
+IMAGE_SIZE = 32  # what a run decodes its images to, and the size its checkpoint records
 
 
 class ImageBatches:
@@ -46,12 +48,12 @@ class ImageBatches:
     image is seen both ways within any two epochs, which matters when there are only a dozen.
     """
 
-    def __init__(self, data: ImageDataset, batch_size: int, seed: int, mean: list[float], std: list[float],
+    def __init__(self, data: ImageDataset, batch_size: int, seed: int, preprocessing: ImagePreprocessing,
                  augment_images: bool = True, channels_last: bool = True, flip: str = "random") -> None:
         if flip not in FLIP_MODES:
             raise ValueError(f"unknown flip mode {flip!r} (one of {', '.join(FLIP_MODES)})")
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.mean, self.std = mean, std
+        self.preprocessing = preprocessing
         self.augment_images, self.channels_last = augment_images, channels_last
         self.first_epoch_flips = None
         if flip == "alternating":
@@ -69,15 +71,15 @@ class ImageBatches:
             if self.first_epoch_flips is not None:
                 flips = self.first_epoch_flips[indices] ^ bool(epoch % 2)
             images = augment(images, seeded_generator(self.seed, epoch, step, rank), flips=flips)
-        images = normalize(images, self.mean, self.std)
+        images = self.preprocessing.normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return (images,), self.data.labels[indices]
 
 
-def evaluation_batches(data: ImageDataset, mean: list[float], std: list[float], batch_size: int = 1000):  # type: ignore[no-untyped-def]
+def evaluation_batches(data: ImageDataset, preprocessing: ImagePreprocessing, batch_size: int = 1000):  # type: ignore[no-untyped-def]
     for start in range(0, len(data), batch_size):
-        images = normalize(data.images[start:start + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
+        images = preprocessing.normalize(data.images[start:start + batch_size]).contiguous(memory_format=torch.channels_last)
         yield (images,), data.labels[start:start + batch_size]
 
 
@@ -143,15 +145,15 @@ def _tuning_run(options: ImageRunOptions, architecture: str, fingerprint: str) -
 
 
 def _new_model(options: ImageRunOptions, classes: list[str],
-               images: torch.Tensor) -> tuple[nn.Module, list[float], list[float]]:
-    """A fresh ``options.architecture`` model with the recipe's config, and the normalisation of
+               images: torch.Tensor) -> tuple[nn.Module, ImagePreprocessing]:
+    """A fresh ``options.architecture`` model with the recipe's config, and the preprocessing fitted to
     ``images`` (the training images), whose first 5,000 also set a whitening stem."""
     recipe_model = IMAGE_RECIPES.get(options.architecture, {}).get("model", {})
     model = build_model(options.architecture, {"num_classes": len(classes), **recipe_model, **options.model_config})
-    mean, std = channel_stats(images)
+    preprocessing = ImagePreprocessing.from_images(images, IMAGE_SIZE)
     if hasattr(model, "init_whitening"):
-        cast(Any, model).init_whitening(normalize(images[:5000], mean, std))
-    return model, mean, std
+        cast(Any, model).init_whitening(preprocessing.normalize(images[:5000]))
+    return model, preprocessing
 
 
 def _recipe(options: ImageRunOptions, architecture: str, transfer: bool) -> tuple[LoopConfig, int, str]:
@@ -175,7 +177,7 @@ def recipe_for_finetune(options: ImageRunOptions, architecture: str) -> tuple[Lo
 def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     device = pick_device(options.device)
     torch.manual_seed(options.seed)  # model initialisation is part of the reproducible run
-    data = load_image_folder(options.data)
+    data = load_image_folder(options.data, size=IMAGE_SIZE)
     if options.refit_full:
         if options.parent is not None:
             raise ValueError("--refit-full is for pretrain-image (from scratch), not for fine-tuning")
@@ -190,17 +192,17 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
     train, validation = data.subset(train_idx), data.subset(val_idx)
     architecture = options.architecture
-    model, mean, std = _new_model(options, data.classes, train.images)
+    model, preprocessing = _new_model(options, data.classes, train.images)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loop, batch_size, flip = _recipe(options, architecture, transfer=False)
     batch_size = options.batch_size or adapt_batch_size(batch_size, len(train))
-    source = ImageBatches(train, batch_size, options.seed, mean, std, flip=flip)
+    source = ImageBatches(train, batch_size, options.seed, preprocessing, flip=flip)
     if "epochs" not in options.loop:
         loop = dataclasses.replace(loop, epochs=adapt_epochs(loop.epochs, source.steps_per_epoch(), min_total_steps=0))
     state_dir = options.output.parent / f".{options.output.name}.train-state"
 
     def validate(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict_logits(m, evaluation_batches(validation, mean, std), device, loop.precision)
+        return predict_logits(m, evaluation_batches(validation, preprocessing), device, loop.precision)
 
     # The per-epoch curve: a fixed slice of the validation split without translate TTA, so that
     # watching the run costs seconds, not minutes; the final metrics use all of it, fully augmented.
@@ -209,7 +211,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
 
     def validate_epoch(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         with without_translate_tta(m):
-            return predict_logits(m, evaluation_batches(monitor, mean, std), device, loop.precision)
+            return predict_logits(m, evaluation_batches(monitor, preprocessing), device, loop.precision)
 
     history = fit(model, source, loop, device=device, validate=validate_epoch, state_dir=state_dir,
                   stop_after_steps=options.stop_after_steps, description=architecture)
@@ -219,7 +221,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
     manifest = new_manifest(
         options.name or options.output.name, "image", architecture, model.config,  # type: ignore[arg-type]
         classes=data.classes,
-        preprocessing={"kind": "image", "size": 32, "mean": mean, "std": std, "color": "RGB", "resize": "bilinear"},
+        preprocessing=preprocessing.to_dict(),
         data_fingerprint=data.fingerprint,
         training_command=options.command,
     )
@@ -235,11 +237,11 @@ def _refit_full(options: ImageRunOptions, data: ImageDataset, device: torch.devi
     """The recipe on every image; calibration and validation metrics come from the tuning run."""
     architecture = options.architecture
     reference = _tuning_run(options, architecture, data.fingerprint)
-    model, mean, std = _new_model(options, data.classes, data.images)
+    model, preprocessing = _new_model(options, data.classes, data.images)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loop, batch_size, flip = _recipe(options, architecture, transfer=False)
     state_dir = options.output.parent / f".{options.output.name}.train-state"
-    history = fit(model, ImageBatches(data, batch_size, options.seed, mean, std, flip=flip), loop, device=device,
+    history = fit(model, ImageBatches(data, batch_size, options.seed, preprocessing, flip=flip), loop, device=device,
                   state_dir=state_dir, stop_after_steps=options.stop_after_steps, description=f"{architecture} (all)")
     if options.stop_after_steps is not None and len(history) < loop.epochs:
         return {"stopped": True, "state": str(state_dir)}
@@ -256,7 +258,7 @@ def _refit_full(options: ImageRunOptions, data: ImageDataset, device: torch.devi
     manifest = new_manifest(
         options.name or options.output.name, "image", architecture, model.config,  # type: ignore[arg-type]
         classes=data.classes,
-        preprocessing={"kind": "image", "size": 32, "mean": mean, "std": std, "color": "RGB", "resize": "bilinear"},
+        preprocessing=preprocessing.to_dict(),
         data_fingerprint=data.fingerprint, training_command=options.command or command_line(),
         calibration=dict(reference.calibration), metrics={"validation": validation},
     )

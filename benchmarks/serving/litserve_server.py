@@ -25,6 +25,7 @@ import torch
 from app.preprocess import configure_pillow, prepare_image
 from models.checkpoint import load_checkpoint, read_manifest
 from models.precision import native_autocast_dtype
+from models.preprocessing import ImagePreprocessing
 from models.text_encoding import load_text_encoder
 
 MAX_PIXELS = 40_000_000
@@ -41,10 +42,8 @@ class ImageClassifierAPI(ls.LitAPI):
         # not ``self.device``: LitServe sets that attribute itself (to a string)
         self.model, self.manifest, self.torch_device = loaded.model, loaded.manifest, torch.device(device)
         self.model.to(memory_format=torch.channels_last)
-        preprocessing = self.manifest.preprocessing
-        self.preprocessing = preprocessing
-        self.mean = torch.tensor(preprocessing["mean"], device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(preprocessing["std"], device=device).view(1, -1, 1, 1) * 255
+        self.preprocessing = ImagePreprocessing.from_manifest(self.manifest)
+        self.scales = self.preprocessing.scales(device)
 
     def decode_request(self, request):  # type: ignore[no-untyped-def]  # unannotated: LitServe then parses the JSON
         # {"image": base64}: LitServe hands requests to its worker process by pickling, which an upload cannot be
@@ -57,7 +56,7 @@ class ImageClassifierAPI(ls.LitAPI):
         dtype = native_autocast_dtype(self.torch_device)  # what our service's PRECISION=auto does for image models
         autocast = torch.autocast(self.torch_device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
         with torch.inference_mode(), autocast:
-            images = (images.to(self.torch_device).float() - self.mean) / self.std
+            images = self.preprocessing.normalize(images.to(self.torch_device), self.scales)
             logits = self.model(images.contiguous(memory_format=torch.channels_last))
             return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
 

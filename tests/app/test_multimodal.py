@@ -228,3 +228,20 @@ def test_docs_describe_the_pairing_with_upload_fields_and_examples(mm: httpx.Cli
     assert fields["files"]["items"] == {"type": "string", "format": "binary"}  # a file picker in Swagger UI
     assert fields["texts"]["examples"]
     assert operation["responses"]["200"]["content"]["application/json"]["example"]["model"]["task"] == "multimodal"
+
+
+# ---- in process: the runner refuses a pair left with no side after tokenising ---------------------
+
+def test_a_pair_whose_text_has_no_tokens_and_no_image_is_refused_by_name(fusion_dir: Path, jpegs: list[bytes]) -> None:
+    from app.errors import InvalidInput
+    from app.tasks import MultimodalRunner
+    from app.tasks import Pair as RunnerPair
+
+    runner = MultimodalRunner(load_checkpoint(fusion_dir / "tiny-fusion-late"), torch.device("cpu"), 1_000_000)
+    no_tokens = "\x1f"  # a control character only: the routes keep it as a text, the tokenizer drops it
+    pairs = [RunnerPair(jpegs[0], no_tokens), RunnerPair(None, no_tokens)]
+    with pytest.raises(InvalidInput, match=r"^pair 1 \(b\.png\): its text has no tokens left after the model's "
+                                           r"preprocessing and it has no image; send a text with words in it"):
+        runner.prepare(pairs, ["pair 0 (a.jpg)", "pair 1 (b.png)"])
+    (alone,) = runner.prepare(pairs[:1], ["pair 0 (a.jpg)"])
+    assert alone.image is not None and alone.token_ids is None  # its image is classified alone

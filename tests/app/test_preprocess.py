@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from servicekit import encode
 
 from app.errors import InvalidImage, PayloadTooLarge, UnsupportedFormat
-from app.preprocess import decode_image, prepare_image, sniff_format
+from app.preprocess import RESAMPLING, decode_image, image_to_tensor, prepare_image, sniff_format
+from models.preprocessing import RESIZE_FILTERS, ImagePreprocessing
 
-PREPROCESSING = {"size": 32, "resize": "bilinear"}
+PREPROCESSING = ImagePreprocessing(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "GIF"])
@@ -35,6 +37,14 @@ def test_every_mode_becomes_rgb_at_model_size(mode: str) -> None:
     fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
     tensor = prepare_image(encode(image, fmt), PREPROCESSING, max_pixels=10_000)
     assert tensor.shape == (3, 32, 32) and str(tensor.dtype) == "torch.uint8"
+
+
+def test_every_resize_filter_a_checkpoint_may_name_has_its_pillow_filter() -> None:
+    assert sorted(RESAMPLING) == sorted(RESIZE_FILTERS)
+    stripes = Image.fromarray(np.tile(np.array([0, 255], dtype=np.uint8), (5, 5)).repeat(3).reshape(5, 10, 3))
+    resized = {name: image_to_tensor(stripes, ImagePreprocessing(4, (0.5,) * 3, (0.25,) * 3, resize=name))
+               for name in RESIZE_FILTERS}
+    assert not torch.equal(resized["nearest"], resized["bilinear"])  # the manifest's filter is the one used
 
 
 def test_gif_uses_the_first_frame() -> None:

@@ -10,12 +10,14 @@ import torch
 from models import build_model
 from models.checkpoint import load_checkpoint, new_manifest, save_checkpoint
 from models.fusion import FUSION_INPUTS, FusionInputError, collate_fusion_batch, fusion_preprocessing
+from models.preprocessing import ImagePreprocessing
 from models.registry import available_models
 
 TINY_LATE = {"num_classes": 3, "image": {"widths": [8, 16, 16]},
              "text": {"vocab_size": 50, "num_classes": 3, "max_tokens": 16}}
 TINY_JOINT = {"num_classes": 3, "dim": 32, "depth": 1, "heads": 2, "patch_size": 8, "stem_width": 8,
               "vocab_size": 50, "max_text_tokens": 16}
+TINY_IMAGE = ImagePreprocessing(size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
 
 
 def _randomised(architecture: str, config: dict) -> torch.nn.Module:
@@ -65,8 +67,7 @@ def test_forward_needs_at_least_one_modality() -> None:
 
 def test_collate_builds_the_documented_tensors() -> None:
     image = torch.full((3, 8, 8), 128, dtype=torch.uint8)
-    batch = collate_fusion_batch([image, None, image], [torch.tensor([5, 6, 7]), torch.tensor([9]), None],
-                                 mean=[0.5] * 3, std=[0.25] * 3, size=8)
+    batch = collate_fusion_batch([image, None, image], [torch.tensor([5, 6, 7]), torch.tensor([9]), None], TINY_IMAGE)
     assert batch["images"].shape == (3, 3, 8, 8) and batch["images"].dtype == torch.float32
     assert batch["token_ids"].tolist() == [[5, 6, 7], [9, 0, 0], [0, 0, 0]]
     assert batch["image_mask"].tolist() == [True, False, True]
@@ -78,13 +79,15 @@ def test_collate_builds_the_documented_tensors() -> None:
 def test_collate_refuses_unpaired_or_empty_input() -> None:
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
     with pytest.raises(FusionInputError, match="2 image slots but 1 text slots"):
-        collate_fusion_batch([image, image], [None], [0.5] * 3, [0.25] * 3, 8)
+        collate_fusion_batch([image, image], [None], TINY_IMAGE)
     with pytest.raises(FusionInputError, match="pair 1 has neither an image nor a text"):
-        collate_fusion_batch([image, None], [None, None], [0.5] * 3, [0.25] * 3, 8)
+        collate_fusion_batch([image, None], [None, None], TINY_IMAGE)
+    with pytest.raises(FusionInputError, match="pair 1 has neither an image nor a text"):  # no tokens is no text
+        collate_fusion_batch([image, None], [None, torch.tensor([], dtype=torch.long)], TINY_IMAGE)
     with pytest.raises(FusionInputError, match="no pairs"):
-        collate_fusion_batch([], [], [0.5] * 3, [0.25] * 3, 8)
+        collate_fusion_batch([], [], TINY_IMAGE)
     with pytest.raises(FusionInputError, match=r"expected \(3, 8, 8\)"):
-        collate_fusion_batch([torch.zeros(3, 4, 4, dtype=torch.uint8)], [None], [0.5] * 3, [0.25] * 3, 8)
+        collate_fusion_batch([torch.zeros(3, 4, 4, dtype=torch.uint8)], [None], TINY_IMAGE)
 
 
 def test_a_multimodal_checkpoint_round_trips(tmp_path: Path) -> None:
@@ -98,7 +101,7 @@ def test_a_multimodal_checkpoint_round_trips(tmp_path: Path) -> None:
     images, token_ids = _inputs()
     torch.testing.assert_close(loaded.model(images, token_ids), model(images, token_ids))
     image, text = fusion_preprocessing(loaded.manifest)
-    assert image["size"] == 32 and text["vocab_file"] == "vocab.json"
+    assert image == ImagePreprocessing(32, (0.5,) * 3, (0.25,) * 3) and text["vocab_file"] == "vocab.json"
 
 
 def test_lexicon_features_sum_valences_and_flip_them_after_a_negator() -> None:

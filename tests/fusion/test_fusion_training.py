@@ -41,10 +41,10 @@ def test_late_fusion_beats_the_majority_class_and_writes_a_servable_checkpoint(
     # serve it the way the service does: its own preprocessing, a pair with its text missing and one without image
     image_pre, _ = fusion_preprocessing(manifest)
     encoder = load_fusion_text_encoder(output, manifest)
-    data = load_pairs(pairs_subset, int(image_pre["size"]), cache_dir=None)
+    data = load_pairs(pairs_subset, image_pre.size, cache_dir=None)
     ids = encoder.encode(data.texts[:3])
     batch = collate_fusion_batch([data.images[0], None, data.images[2]], [ids[0][ids[0] > 0], ids[1][ids[1] > 0], None],
-                                 image_pre["mean"], image_pre["std"], int(image_pre["size"]))
+                                 image_pre)
     with torch.no_grad():
         probabilities = (loaded.model(**batch) / manifest.temperature).softmax(dim=1)
     assert probabilities.shape == (3, 3) and torch.allclose(probabilities.sum(dim=1), torch.ones(3))

@@ -169,12 +169,12 @@ def test_late_fusion_with_a_sentence_encoder_trains_ships_and_serves_it(
     from models.fusion import load_fusion_text_encoder
 
     encoder_text = load_fusion_text_encoder(output, manifest)
-    data = load_pairs(pairs_subset, int(image_pre["size"]), cache_dir=None)
+    data = load_pairs(pairs_subset, image_pre.size, cache_dir=None)
     ids = encoder_text.encode(data.texts[:3])
     pieces = tokenizer.encode_batch(data.texts[:3])
     batch = collate_fusion_batch([data.images[0], data.images[1], data.images[2]],
                                  [ids[0][ids[0] > 0], ids[1][ids[1] > 0], None],
-                                 image_pre["mean"], image_pre["std"], int(image_pre["size"]), sentence_ids=pieces)
+                                 image_pre, sentence_ids=pieces)
     assert batch["sentence_ids"].shape[0] == 3 and not bool(batch["sentence_ids"][2].any())  # no text: all padding
     with torch.no_grad():
         probabilities = (loaded.model(**batch) / manifest.temperature).softmax(dim=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.preprocessing import ImagePreprocessing
 from training.calibration import calibrate, expected_calibration_error, fit_score_power
 from training.image_data import ImageDataset, augment, stratified_split
 from training.image_task import ImageBatches
@@ -63,7 +64,8 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch() -> None:
     # Each image is a horizontal ramp whose direction shows whether it was mirrored.
     ramp = torch.arange(8, dtype=torch.uint8).view(1, 1, 1, 8).expand(64, 3, 8, 8).contiguous()
     data = ImageDataset(ramp, torch.arange(64) % 4, ["a", "b", "c", "d"], "test")
-    batches = ImageBatches(data, batch_size=64, seed=0, mean=[0.0] * 3, std=[1.0] * 3, flip="alternating")
+    batches = ImageBatches(data, batch_size=64, seed=0, preprocessing=ImagePreprocessing(8, (0.0,) * 3, (1.0,) * 3),
+                           flip="alternating")
 
     def mirrored(epoch: int) -> dict[int, bool]:
         order = torch.randperm(64, generator=seeded_generator(0, epoch)).tolist()
