@@ -49,8 +49,16 @@ class Unauthorized(ServiceError):
         super().__init__(detail, {"WWW-Authenticate": "Bearer"})
 
 
+class Forbidden(ServiceError):
+    status_code = 403
+
+
 class ModelNotFound(ServiceError):
     status_code = 404
+
+
+class Conflict(ServiceError):
+    status_code = 409
 
 
 class PayloadTooLarge(ServiceError):

@@ -2,9 +2,11 @@
 
 ``Service`` holds the settings, the model registry, the inference worker and the phase
 (starting → ready → draining, or failed). The FastAPI lifespan starts loading in a background task
-and returns at once, so ``/healthz`` answers and ``/readyz`` says 503 while models load. On SIGTERM
-the phase turns to draining (``/readyz`` 503, new work 503), queued and running requests finish
-within ``DRAIN_TIMEOUT``, then uvicorn's own shutdown runs.
+and returns at once, so ``/healthz`` answers and ``/readyz`` says 503 while models load. On SIGHUP,
+once ready, ``MODEL_DIR`` is rescanned and new or changed models swapped in while serving
+(``app.reloading``; readiness stays as it is). On SIGTERM the phase turns to draining (``/readyz``
+503, new work 503), queued and running requests finish within ``DRAIN_TIMEOUT``, then uvicorn's own
+shutdown runs.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ import torch
 from fastapi import FastAPI
 
 from app.cpus import available_cpus
+from app.encoder_copies import remove_encoder_copies
 from app.errors import Unavailable
 from app.metrics import InFlight
 from app.preprocess import configure_pillow
 from app.registry import ModelRegistry, load_registry
+from app.reloading import Reloader
 from app.settings import Settings
 from app.tokenizing import TokenizerPool, default_processes
 from app.worker import InferenceWorker
@@ -65,6 +69,10 @@ class Service:
         self._compiling: asyncio.Task[None] | None = None
         self._draining: asyncio.Task[None] | None = None
         self._previous_sigterm: Any = None
+        self._sighup_installed = False
+        # a reload warms a model up even with WARMUP off: a batch of one checks its outputs against its classes
+        self.reloader = Reloader(self, warmup_batch_sizes(self.device, settings.max_batch_size) if settings.warmup
+                                 else [1])
 
     # ---- what routes use -----------------------------------------------------------------
 
@@ -116,6 +124,7 @@ class Service:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         self._install_sigterm_handler()
+        self._install_sighup_handler()
         self._loading = asyncio.get_running_loop().create_task(self._load(), name="load-models")
 
     async def _load(self) -> None:
@@ -140,7 +149,7 @@ class Service:
             self.phase = READY
         self.ready_after_s = time.monotonic() - self.started_at
         logger.info("ready after %.2f s: %d models on %s (%s)", self.ready_after_s, len(registry), self.device,
-                    ", ".join(f"{m.name} [{m.task}]" for m in registry.models))
+                    ", ".join(f"{m.name} {m.version} [{m.task}]" for m in registry.models))
         if self.phase == READY:
             self._compiling = asyncio.get_running_loop().create_task(self._compile(registry, worker), name="compile")
 
@@ -166,10 +175,34 @@ class Service:
 
     def _start_tokenizer(self, registry: ModelRegistry) -> None:
         """Start the tokenizer processes with the text models' encoders, beside the warm-up: in a
-        thread, since the fork server's imports take seconds (on the other core)."""
+        thread, since the fork server's imports take seconds (on the other core). Once started, a
+        child started later (a replacement) loads the encoders of the registry serving then."""
         sources = [model.runner.source for model in registry.models if model.runner.source is not None]
+        self.tokenizer.sources = tuple(sources)
         if sources:
             threading.Thread(target=self.tokenizer.start, args=(sources,), name="tokenizer-start", daemon=True).start()
+
+    def install_registry(self, registry: ModelRegistry) -> None:
+        """Serve ``registry`` from now on (a reload's swap: requests resolve their model once, so one
+        that resolved a model of the old registry finishes on it)."""
+        self.registry = registry
+        self._start_tokenizer(registry)  # no-op but for its encoders when running already
+
+    def _install_sighup_handler(self) -> None:
+        """SIGHUP rescans ``MODEL_DIR`` (its default action would end the process). Through the event
+        loop, so the reload starts from there; only in the main thread (not under a test client)."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+        except (RuntimeError, ValueError, NotImplementedError):
+            return
+        self._sighup_installed = True
+
+    def _on_sighup(self) -> None:
+        if self.phase != READY:
+            logger.warning("SIGHUP while %s: no reload", self.phase)
+            return
+        logger.info("SIGHUP: rescanning MODEL_DIR")
+        self.reloader.request_rescan()
 
     # ---- drain and stop ------------------------------------------------------------------
 
@@ -214,6 +247,9 @@ class Service:
     async def stop(self) -> None:
         if self.phase != FAILED:
             self.phase = DRAINING
+        if self._sighup_installed:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await self.reloader.stop()
         for task in (self._loading, self._compiling):
             if task is not None and not task.done():
                 task.cancel()
@@ -223,6 +259,7 @@ class Service:
             await self.worker.stop(self.settings.drain_timeout)
         self.preprocess_pool.shutdown(wait=False, cancel_futures=True)
         self.tokenizer.shutdown()
+        remove_encoder_copies()  # the tokenizer processes that read them are gone
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
 

@@ -13,7 +13,7 @@ from app.lifecycle import Service, lifespan
 from app.metrics import MetricsMiddleware
 from app.middleware import ApiKeyMiddleware, BodyLimitMiddleware, BodyRule, ConcurrencyLimitMiddleware, RequestIdMiddleware
 from app.openapi import install_openapi
-from app.routes import health, image, models, multimodal, page, text, v2
+from app.routes import admin, health, image, models, multimodal, page, text, v2
 from app.routes.deps import require_api_key
 from app.routes.guarded import body_rules
 from app.settings import Settings
@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     guard = [Depends(require_api_key)] if settings.api_key_set else []
     for router in (models.router, image.router, text.router, multimodal.router, v2.router):
         app.include_router(router, dependencies=guard)
+    if settings.admin_token_value:  # otherwise not served at all: /admin/... is a 404 like any unknown path
+        app.include_router(admin.router)
     install_error_handlers(app)
     install_openapi(app)
     install_docs(app)

@@ -35,6 +35,8 @@ BATCH_SIZE = Histogram("crossmodal_batch_size", "items per batch run by the work
 ITEMS = Counter("crossmodal_items_total", "items answered by the worker, by outcome", ["model", "outcome"])
 TOKENIZER_RESTARTS = Counter("crossmodal_tokenizer_restarts_total",
                              "tokenizer processes killed and replaced after a batch took too long or they died")
+MODEL_RELOADS = Counter("crossmodal_model_reloads_total", "model directories loaded, unloaded or failed to load "
+                        "while serving (SIGHUP, /admin)", ["directory", "outcome"])
 TEXTS_TOKENISED = Counter("crossmodal_texts_tokenised_total", "texts tokenised, by where (process or thread)",
                           ["where"])
 

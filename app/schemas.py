@@ -61,7 +61,9 @@ class TextClassifyRequest(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
-    version: str
+    version: str = Field(description="the version described (in a list: the model's default version)")
+    versions: list[str] = Field(description="every loaded version of the model, oldest first (`version=` on the "
+                                            "classify routes picks one)")
     task: str
     architecture: str
     classes: list[str]

@@ -9,6 +9,8 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_ADMIN_TOKEN_CHARS = 16
+
 
 class Settings(BaseSettings):
     """Every knob of the service; the environment variable is the field name in upper case."""
@@ -36,6 +38,10 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(default=SecretStr(""), description="comma-separated keys; when set /v1 needs one")
     require_api_keys: bool = Field(default=False, description="refuse to start without API_KEYS (a deployment "
                                                               "reachable by others says so)")
+    admin_token: SecretStr = Field(
+        default=SecretStr(""), description="when set (16 characters or more, no API key), /admin loads, reloads and "
+                                           "unloads models with 'Authorization: Bearer <token>'; unset, /admin is not "
+                                           "served at all")
     drain_timeout: float = Field(default=30.0, ge=0, description="seconds SIGTERM waits for in-flight requests")
     default_image_model: str | None = Field(default=None, description="default image model (else first by name)")
     default_text_model: str | None = Field(default=None, description="default text model (else first by name)")
@@ -110,6 +116,21 @@ class Settings(BaseSettings):
         if self.require_api_keys and not self.api_key_set:
             raise ValueError("REQUIRE_API_KEYS is set but API_KEYS holds no key: set API_KEYS=key1,key2")
         return self
+
+    @model_validator(mode="after")
+    def _check_admin_token(self) -> Settings:
+        token = self.admin_token.get_secret_value()
+        if token and len(token.strip()) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_CHARS} characters (it can load any "
+                             "model in MODEL_DIR): make one with `python -c 'import secrets; print(secrets.token_urlsafe())'`")
+        if token and token.strip() in self.api_key_set:
+            raise ValueError("ADMIN_TOKEN must differ from every key in API_KEYS: a client's key must not manage models")
+        return self
+
+    @property
+    def admin_token_value(self) -> str:
+        """The admin token, or "" when the admin endpoints are off."""
+        return self.admin_token.get_secret_value().strip()
 
     @property
     def api_key_set(self) -> frozenset[str]:

@@ -69,6 +69,9 @@ class EncoderSource:
 
     checkpoint_dir: str
     task: str  # "text" or "multimodal"
+    # where a child reads the encoder's files instead: a copy taken when the service loaded the checkpoint
+    # (``app.encoder_copies``), so a checkpoint rewritten in place before its reload changes nothing here
+    copy_dir: str = ""
 
 
 def load_encoder(source: EncoderSource, manifest: Manifest | None = None) -> TextEncoder:
@@ -77,9 +80,10 @@ def load_encoder(source: EncoderSource, manifest: Manifest | None = None) -> Tex
     from models.fusion import load_fusion_text_encoder
     from models.text_encoding import load_text_encoder
 
-    manifest = manifest or read_manifest(Path(source.checkpoint_dir))
+    directory = source.copy_dir or source.checkpoint_dir
+    manifest = manifest or read_manifest(Path(directory))
     loader = load_fusion_text_encoder if source.task == "multimodal" else load_text_encoder
-    return loader(source.checkpoint_dir, manifest)
+    return loader(directory, manifest)
 
 
 def cut_texts(encoder: TextEncoder, texts: Sequence[str]) -> list[str]:
@@ -106,9 +110,15 @@ def _child_start(sources: Sequence[EncoderSource] = ()) -> None:
 
 
 def _child_encode(source: EncoderSource, texts: Sequence[str]) -> list[bytes]:
-    encoder = _child_encoders.get(source)
+    encoder = _child_encoders.pop(source, None)  # put back last: the dict is in order of use
     if encoder is None:
-        encoder = _child_encoders[source] = load_encoder(source)
+        encoder = load_encoder(source)
+        # a reloaded checkpoint's encoders (the same checkpoint_dir, another copy_dir): keep the one used
+        # last before this (requests that resolved the model just before the swap), drop older ones
+        same_directory = [seen for seen in _child_encoders if seen.checkpoint_dir == source.checkpoint_dir]
+        for stale in same_directory[:-1]:
+            del _child_encoders[stale]
+    _child_encoders[source] = encoder
     return [array.array("q", ids).tobytes() for ids in encoder.ids(encoder.tokenize(texts))]
 
 

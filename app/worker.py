@@ -291,9 +291,9 @@ class InferenceWorker:
                 metrics.ITEMS.labels(item.served.name, "deadline").inc()
             else:
                 live.append(item)
-        groups: dict[str, list[WorkItem]] = {}
-        for item in live:
-            groups.setdefault(item.served.name, []).append(item)
+        groups: dict[int, list[WorkItem]] = {}
+        for item in live:  # by model object, not name: during a reload, two versions of a name may be queued
+            groups.setdefault(id(item.served), []).append(item)
         for group in groups.values():
             await self._run_group(group)
 

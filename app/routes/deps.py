@@ -49,6 +49,8 @@ async def require_api_key(
 
 ModelQuery = Annotated[str | None, Query(description="model name (see /v1/models); default: the task's default model",
                                          max_length=200)]
+VersionQuery = Annotated[str | None, Query(description="the model's version (see `versions` in /v1/models); default: "
+                                                       "its default version", max_length=128)]
 TopKQuery = Annotated[int, Query(ge=1, le=1000, description="how many of the most probable classes to list "
                                                             "(at most the model's number of classes)")]
 
@@ -92,7 +94,7 @@ async def classify(
     if probabilities is None:
         return Response(status_code=499)  # nobody is listening; the status only shows in logs and metrics
     body = ClassifyResponse(
-        model=ModelRef(name=served.name, version=served.manifest.version, task=served.task),
+        model=ModelRef(name=served.name, version=served.version, task=served.task),
         predictions=[to_prediction(row, served.classes, top_k) for row in probabilities],
         request_id=request_id(request),
     )
@@ -179,7 +181,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 _ERROR_DESCRIPTIONS = {
     400: "undecodable or truncated image",
     401: "missing or invalid API key (only when API_KEYS is set)",
-    404: "unknown model, or a model of another task",
+    404: "unknown model or version, or a model of another task",
     408: "the request body did not arrive within BODY_TIMEOUT",
     413: "request body, form field or image too large",
     415: "unsupported image format, or a body of another Content-Type than the route takes",

@@ -30,7 +30,7 @@ async def healthz() -> Health:
             responses={503: {"model": Readiness, "description": "starting, draining or failed"}})
 async def readyz(service: ServiceDep) -> Response:
     if service.phase == READY and service.registry is not None:
-        body = Readiness(status=READY, models=[model.name for model in service.registry.models])
+        body = Readiness(status=READY, models=service.registry.names)
         return JSONResponse(body.model_dump())
     body = Readiness(status=service.phase, detail=public_reason(service.error))
     return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "1"})

@@ -11,6 +11,7 @@ from app.routes.deps import (
     ModelQuery,
     ServiceDep,
     TopKQuery,
+    VersionQuery,
     check_item_count,
     classify,
     error_responses,
@@ -37,9 +38,10 @@ async def classify_images(
     file: Annotated[UploadFile | None, File(description="a single image (instead of `files`)")] = None,
     model: ModelQuery = None,
     top_k: TopKQuery = 5,
+    version: VersionQuery = None,
 ) -> Response:
     registry, _ = service.ready()
-    served = registry.resolve(model, "image")
+    served = registry.resolve(model, "image", version)
     uploads = [*(files or []), *([file] if file is not None else [])]
     if not uploads:
         raise InvalidInput("no images in the request: send them in the multipart field 'files' (or one in 'file')")

@@ -24,6 +24,7 @@ from app.routes.deps import (
     ModelQuery,
     ServiceDep,
     TopKQuery,
+    VersionQuery,
     check_item_count,
     classify,
     error_responses,
@@ -89,6 +90,7 @@ async def classify_pairs(
         ["Best day ever at the beach with the whole family", "ugh, stuck in traffic again"]])] = None,
     model: ModelQuery = None,
     top_k: TopKQuery = 5,
+    version: VersionQuery = None,
 ) -> Response:
     """Pair ``files`` and ``texts`` by position (an empty value = that side is missing) and classify each pair.
 
@@ -96,7 +98,7 @@ async def classify_pairs(
     the parsed form, which keeps the empty ones.
     """
     registry, _ = service.ready()
-    served = registry.resolve(model, "multimodal")
+    served = registry.resolve(model, "multimodal", version)
     # FastAPI drops browser-style empty file inputs (filename "" and no bytes) from a list of uploads,
     # which would shift every later image onto the wrong text; the parsed form (cached: FastAPI read it
     # to fill ``files``) keeps every part, in order.

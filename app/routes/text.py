@@ -9,6 +9,7 @@ from app.routes.deps import (
     ModelQuery,
     ServiceDep,
     TopKQuery,
+    VersionQuery,
     check_item_count,
     checked_text,
     classify,
@@ -27,10 +28,11 @@ router = APIRouter(prefix="/v1/text", tags=["classify"], route_class=GuardedRout
     responses=error_responses(401, 404, 408, 413, 415, 422, 503, 504),
 )
 async def classify_texts(
-    request: Request, body: TextClassifyRequest, service: ServiceDep, model: ModelQuery = None, top_k: TopKQuery = 5
+    request: Request, body: TextClassifyRequest, service: ServiceDep, model: ModelQuery = None, top_k: TopKQuery = 5,
+    version: VersionQuery = None,
 ) -> Response:
     registry, _ = service.ready()
-    served = registry.resolve(model, "text")
+    served = registry.resolve(model, "text", version)
     if body.texts is not None and body.text is not None:
         raise InvalidInput("send either 'texts' (a list) or 'text' (one string), not both")
     texts = body.texts if body.texts is not None else ([] if body.text is None else [body.text])

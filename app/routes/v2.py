@@ -29,7 +29,7 @@ from fastapi import APIRouter, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.errors import InvalidInput, ModelNotFound, PayloadTooLarge, UnsupportedFormat
+from app.errors import InvalidInput, PayloadTooLarge, UnsupportedFormat
 from app.lifecycle import READY, Service
 from app.middleware import BodyRule
 from app.registry import ServedModel
@@ -113,17 +113,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 ModelName = Annotated[str, Path(max_length=200, description="the model's name (GET /v1/models lists them)")]
-ModelVersion = Annotated[str, Path(max_length=64, description="the model's manifest version")]
+ModelVersion = Annotated[str, Path(max_length=128, description="one of the model's versions (its metadata lists them)")]
 
 
 def resolve(service: Service, name: str, version: str | None = None) -> ServedModel:
-    """The loaded model ``name``; with a ``version``, only if it is the version loaded (one per model)."""
+    """The loaded model ``name`` at ``version`` (without one: its default version)."""
     registry, _ = service.ready()
-    served = registry.get(name)
-    if version is not None and version != served.manifest.version:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; the loaded version is "
-                            f"{served.manifest.version!r}")
-    return served
+    return registry.get(name, version)
 
 
 # ---- health and metadata ------------------------------------------------------------------------
@@ -150,9 +146,10 @@ async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="crossmodal", version=version, extensions=["binary_tensor_data", "classification"])
 
 
-def _metadata(served: ServedModel) -> ModelMetadata:
+def _metadata(service: Service, served: ServedModel) -> ModelMetadata:
+    registry, _ = service.ready()
     return ModelMetadata(
-        name=served.name, versions=[served.manifest.version], platform="pytorch",
+        name=served.name, versions=list(registry.entry(served.name).versions), platform="pytorch",
         inputs=[TensorMetadata(name=name, datatype="BYTES", shape=[-1]) for name in TASK_INPUTS[served.task]],
         outputs=[TensorMetadata(name=OUTPUT, datatype="FP32", shape=[-1, len(served.classes)])],
         parameters={"task": served.task, "architecture": served.manifest.architecture, "classes": served.classes},
@@ -162,13 +159,13 @@ def _metadata(served: ServedModel) -> ModelMetadata:
 @router.get("/models/{name}", response_model=ModelMetadata, summary="Model metadata",
             responses=_errors(400, 401, 404, 503))
 async def model_metadata(service: ServiceDep, name: ModelName) -> ModelMetadata:
-    return _metadata(resolve(service, name))
+    return _metadata(service, resolve(service, name))
 
 
 @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, summary="Model metadata (one version)",
             responses=_errors(400, 401, 404, 503))
 async def model_version_metadata(service: ServiceDep, name: ModelName, version: ModelVersion) -> ModelMetadata:
-    return _metadata(resolve(service, name, version))
+    return _metadata(service, resolve(service, name, version))
 
 
 @router.get("/models/{name}/ready", summary="Model ready", responses=_errors(400, 401, 404, 503))
@@ -428,7 +425,7 @@ def encode_response(served: ServedModel, request_id: Any, probabilities: torch.T
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
         output["data"] = data
-    body: dict[str, Any] = {"model_name": served.name, "model_version": served.manifest.version}
+    body: dict[str, Any] = {"model_name": served.name, "model_version": served.version}
     if request_id is not None:
         body["id"] = request_id
     body["outputs"] = [output]

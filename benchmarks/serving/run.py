@@ -80,7 +80,7 @@ def news_posts(count: int, max_chars: int, seed: int = 0) -> list[bytes]:
 
 
 def pick_model(model_dir: Path, task: str, wanted: str | None) -> tuple[str, Path]:
-    from app.registry import checkpoint_directories
+    from app.repository import checkpoint_directories
     from models.checkpoint import read_manifest
 
     found = {}

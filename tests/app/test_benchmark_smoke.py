@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,18 @@ def test_multimodal_load_benchmark_runs_both_configurations(tmp_path: Path) -> N
     assert len(rows) == 2, result.stdout
     for row in rows:
         assert float(row[2]) > 0 and float(row[4]) > 0 and row[7].strip() == "0", row  # both served, no errors
+
+
+def test_reload_benchmark_reloads_under_load_without_errors(model_dir: Path, tmp_path: Path) -> None:
+    """benchmarks/serving/reload_under_load.py: SIGHUP to the service as it ships, under wrk."""
+    if not CIFAR.is_file() or shutil.which("wrk") is None:
+        pytest.skip(f"needs wrk and {CIFAR}")
+    output = tmp_path / "reload"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving" / "reload_under_load.py"), "--model-dir",
+                    str(model_dir), "--model", "tiny-lenet", "--clients", "8", "--seconds", "2", "--every", "1",
+                    "--warmup", "1", "--output", str(output)], check=True, cwd=ROOT, timeout=300)
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert result["reloads"]["loaded"] == result["reloads"]["asked"] == 1 and result["reloads"]["failed"] == 0
+    for run in ("without_reloads", "with_reloads"):
+        assert result[run]["requests"] > 0 and result[run]["errors"] == 0
+    assert "| with reloads |" in output.with_suffix(".md").read_text()

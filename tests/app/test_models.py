@@ -85,14 +85,17 @@ def test_docs_offer_file_upload_and_examples(main_server) -> None:
     text_schema = schema["components"]["schemas"]["TextClassifyRequest"]
     assert text_schema["examples"]
     assert {"HTTPBearer", "APIKeyHeader"} <= set(schema["components"]["securitySchemes"])
-    for path, operations in schema["paths"].items():  # with API_KEYS set, every /v1 operation asks for a key
-        for operation in operations.values():
-            assert bool(operation.get("security")) == path.startswith("/v1/"), path
+    for path, operations in schema["paths"].items():  # with API_KEYS set, every /v1 and /v2 operation asks for a
+        guarded = path.startswith("/v1/") or (path.startswith("/v2") and not path.startswith("/v2/health/"))  # key
+        for operation in operations.values():  # but the probes
+            assert bool(operation.get("security")) == guarded, path
 
 
 def test_unknown_path_is_a_json_404(client: httpx.Client) -> None:
-    response = client.get("/v2/nothing")
+    response = client.get("/v3/nothing")
     assert response.status_code == 404 and response.json() == {"detail": "Not Found"}
+    response = client.get("/v2/nothing")  # the Open Inference Protocol's error shape under /v2
+    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
 
 
 def test_without_api_keys_the_openapi_document_asks_for_none(probe: httpx.Client) -> None:
