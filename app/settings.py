@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="'auto' (CUDA when present, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     max_batch_size: int = Field(default=32, ge=1, le=4096, description="largest batch; 1 turns batching off")
     max_wait_ms: float = Field(default=5.0, ge=0, le=10_000, description="how long a batch may wait for more requests")
-    max_batch_tokens: int = Field(default=4096, ge=1, description="padded tokens in one batch of texts (its texts "
+    # 32 texts read to the bundled text model's 1,024 tokens: smaller budgets cut honest text throughput
+    # (docs/serving.md#fairness-one-clients-long-texts-do-not-hold-up-everyone-else)
+    max_batch_tokens: int = Field(default=32_768, ge=1, description="padded tokens in one batch of texts (its texts "
                                   "times its longest): bounds how long a batch of long texts holds the worker")
     max_queue: int = Field(default=1024, ge=1, description="items admitted and not yet in a batch (decoding, "
                                                            "tokenising or queued) beyond which requests get 503")

@@ -9,8 +9,9 @@ The queue is fair between requests, not first come first served: each item carri
 tokens for a text, 1 for an image) and a start tag (start-time fair queueing: a request's first item
 starts at the worker's current virtual time, each next one where the previous one's cost ends), and
 batches take items in tag order. A request of one short text that arrives behind another's 64 long
-ones is in the next batch, not the last. A batch also stops at ``max_batch_tokens`` padded tokens
-(its items times its longest), so no batch of long texts holds the worker for long.
+ones is in the next batch, not the last. A batch of texts also stops at ``max_batch_tokens``
+padded tokens (its items times its longest), so no batch of long texts holds the worker for long;
+items that do not fit keep their place in line for the next batch.
 
 Items are grouped per model and each group runs in the worker's single inference thread under
 ``torch.inference_mode`` (with the runner's autocast: see ``PRECISION``). A CUDA out-of-memory error
@@ -75,8 +76,8 @@ class WorkItem:
 
 
 class _FairQueue:
-    """Items in start-tag order: the virtual time is the tag of the last item taken, and a request's
-    items are tagged from there, each one its predecessor's cost later."""
+    """Items in start-tag order: the virtual time is the tag of the last item put in a batch, and a
+    request's items are tagged from there, each one its predecessor's cost later."""
 
     def __init__(self) -> None:
         self._heap: list[WorkItem] = []
@@ -100,9 +101,16 @@ class _FairQueue:
         return self._heap[0]
 
     def popleft(self) -> WorkItem:
-        item = heapq.heappop(self._heap)
+        return heapq.heappop(self._heap)
+
+    def served(self, item: WorkItem) -> None:
+        """``item`` is in a batch: the virtual time moves to its tag (not to those of items passed over)."""
         self.virtual_time = max(self.virtual_time, item.start_tag)
-        return item
+
+    def put_back(self, items: Sequence[WorkItem]) -> None:
+        """Return items taken but not run, with their tags: they keep their place in line."""
+        for item in items:
+            heapq.heappush(self._heap, item)
 
 
 class InferenceWorker:
@@ -240,32 +248,33 @@ class InferenceWorker:
         await self._wait_for_item(None)
         loop = asyncio.get_running_loop()
         batch: list[WorkItem] = []
-        longest = 0  # the batch's largest cost: texts are padded to it
+        passed_over: list[WorkItem] = []  # items that do not fit this batch: they head the next ones
         until = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch_size:
-            if self._queue:
-                item = self._queue.peek()
+            if self._queue and len(passed_over) < self.max_batch_size:
+                item = self._queue.popleft()
                 if item.future.done():  # cancelled: its request timed out or went away
-                    self._queue.popleft()
                     continue
-                if batch and not self._fits(item, len(batch), longest):
-                    break  # it heads the next batch
-                batch.append(self._queue.popleft())
-                longest = max(longest, item.cost)
+                if batch and not self._fits(item, batch):
+                    passed_over.append(item)
+                    continue
+                batch.append(item)
+                self._queue.served(item)
                 continue
             if not batch:
                 await self._wait_for_item(None)
                 continue
-            if self._preparing == 0 or not await self._wait_for_item(until):
+            if self._queue or self._preparing == 0 or not await self._wait_for_item(until):
                 break
+        self._queue.put_back(passed_over)
         metrics.QUEUE_DEPTH.set(len(self._queue))
         return batch
 
-    def _fits(self, item: WorkItem, size: int, longest: int) -> bool:
-        """Whether ``item`` joins a batch of ``size`` items padded to ``longest`` within the token budget."""
+    def _fits(self, item: WorkItem, batch: list[WorkItem]) -> bool:
+        """Whether ``item`` joins ``batch`` within the token budget: texts are padded to the batch's longest."""
         if self.max_batch_tokens is None or not item.served.runner.costs_tokens:
             return True
-        return (size + 1) * max(longest, item.cost) <= self.max_batch_tokens
+        return (len(batch) + 1) * max(item.cost, *(member.cost for member in batch)) <= self.max_batch_tokens
 
     async def _run(self) -> None:
         while True:

@@ -197,7 +197,11 @@ def test_a_short_request_queued_behind_a_long_one_is_in_its_first_batch() -> Non
     # token budget closes the batch at 4 texts padded to 1,000 tokens
     assert batches[0] == [1000, 10, 1000, 1000]
     assert len(batches) == 5
-    assert sorted(length for batch in batches for length in batch) == [10] + [1000] * 16
+
+
+def test_items_over_the_budget_keep_their_place_and_smaller_ones_fill_the_batch() -> None:
+    batches = _run_requests([[600, 3000, 500]], max_batch_size=32, max_batch_tokens=2000)
+    assert batches == [[600, 500], [3000]]
 
 
 def test_batches_keep_to_the_token_budget_and_a_longer_text_runs_alone() -> None:
