@@ -4,7 +4,8 @@ A ``TaskRunner`` owns one loaded checkpoint's steps around the model: ``prepare`
 inputs → per-item payloads, CPU; the service awaits ``prepare_async``, which decodes images in a
 thread pool and hands texts to the service's ``app.tokenizing.TokenizerPool``, whose worker
 processes take the texts of the requests of one event-loop turn in one call), ``collate`` (payloads
-→ a batch of device tensors), ``forward`` (the model call) and a warm-up payload. The worker is
+→ a batch of device tensors), ``forward`` (the model call), ``calibrate`` (logits → the calibrated
+distribution, with the checkpoint's fitted temperature) and a warm-up payload. The worker is
 generic over runners; each task has a runner here and one entry in ``RUNNERS``: images, texts, and
 image + text pairs (``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
 """
@@ -100,6 +101,10 @@ class TaskRunner(abc.ABC):
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch)  # (B, classes) logits
+
+    def calibrate(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Logits → the calibrated distribution, with the temperature fitted for the checkpoint."""
+        return torch.softmax(logits.float() / temperature, dim=-1)
 
     def item_cost(self, payload: Any) -> int:
         """What one payload adds to its batch's work, for the worker's fair queue (see app.worker)."""

@@ -3,8 +3,8 @@
 Why: the service handles HTTP and runs inference in one process. An eager forward pass returns to
 Python between layers and must win the GIL back each time from the event loop, which under load
 holds it for milliseconds at a stretch; a traced forward runs as one call that releases the GIL.
-Measured here (``cifar10-fastconv``, batch 32, bf16 autocast, 2 cores): 144 ms eager and 131 ms
-traced alone, but 612 ms eager and 301 ms traced beside one busy Python thread.
+Beside a busy Python thread the traced forward takes about half the eager one's time (measured in
+docs/serving.md#tracing).
 
 The trace records autocast's casts as they happen, so TorchScript's own autocast pass must stay off
 (``torch._C._jit_set_autocast_mode(False)``, process-wide; nothing else in the service is

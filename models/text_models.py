@@ -219,8 +219,8 @@ class NgramBagClassifier(nn.Module):
     def scripted(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The forward pass as one TorchScript call, with this model's tensors and its config as it is
         now. For serving: the eager forward runs some forty small operations, each of which gives the
-        GIL up and must win it back, so beside a busy Python thread it took 111–684 ms for 32 posts
-        that take 27–40 ms alone (73–97 ms scripted): the compiled function holds the GIL only to start."""
+        GIL up and must win it back, so beside a busy Python thread it took several times as long as alone
+        (docs/serving.md#tracing): the compiled function holds the GIL only to start."""
         scores = _scripted_scores()
         tensors = (self.weight, self.bias, self.idf, self.bigram_keys, self.char_offsets, self.char_ids)
         numbers = (*self._sizes(), float(self.config.score_power))
