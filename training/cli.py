@@ -8,6 +8,7 @@ checkpoint) print one clear line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import shlex
@@ -74,6 +75,10 @@ def _evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
 
 
+# The modules that add the text, fusion and export commands (``add_commands(subparsers)``).
+TASK_COMMANDS = ("training.text_cli", "training.fusion_cli", "training.export")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -119,14 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print the full metrics as JSON")
     evaluate.set_defaults(handler=_evaluate_command)
 
-    for module_name in ("training.text_cli", "training.fusion_cli", "training.export"):
-        try:
-            module = __import__(module_name, fromlist=["add_commands"])
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue
-        module.add_commands(commands)
+    for module_name in TASK_COMMANDS:  # each task registers its commands into this one parser
+        importlib.import_module(module_name).add_commands(commands)
     return parser
 
 
