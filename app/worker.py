@@ -97,9 +97,6 @@ class _FairQueue:
             tag += item.cost
             heapq.heappush(self._heap, item)
 
-    def peek(self) -> WorkItem:
-        return self._heap[0]
-
     def popleft(self) -> WorkItem:
         return heapq.heappop(self._heap)
 
