@@ -53,7 +53,7 @@ def _run(description_dir: Path, batch: dict[str, torch.Tensor]) -> np.ndarray:
     path = description_dir / description["file"]
     if description["format"] == "onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(["probabilities"], {k: v.numpy() for k, v in batch.items()})[0]
+        return session.run(output_names=["probabilities"], input_feed={k: v.numpy() for k, v in batch.items()})[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated, and what the export was asked for
         module = torch.jit.load(str(path))
