@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -48,7 +49,7 @@ def score(checkpoint: Path, files: list[tuple[Path, int]], classes: list[str], b
     if manifest["classes"] != classes:
         raise SystemExit(f"the checkpoint's classes {manifest['classes']} differ from the folder's {classes}")
     with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as log_dir:
-        (Path(model_dir) / manifest["name"]).symlink_to(checkpoint.resolve())
+        shutil.copytree(checkpoint, Path(model_dir) / manifest["name"])  # the service skips links out of MODEL_DIR
         server = harness.start_service("score", {"MODEL_DIR": model_dir}, Path(log_dir))
         try:
             rows: list[list[float]] = []
