@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.encoder_copies import copy_encoder_files
 from app.errors import ModelNotFound
 from app.repository import ModelDir, VersionDir, scan
 from app.settings import Settings
@@ -191,9 +190,6 @@ def load_version(version: VersionDir, settings: Settings, device: torch.device,
     runner = RUNNERS[manifest.task](checkpoint, device, settings, tokenizer)
     served = ServedModel(manifest.name, manifest, checkpoint.model, runner, version.path, device, version.version,
                          version.fingerprint)
-    if runner.source is not None and tokenizer.processes > 0:  # tokenizer processes read the files as loaded now
-        copy = copy_encoder_files(version.path, manifest, owner=served)
-        runner.source = dataclasses.replace(runner.source, copy_dir=str(copy))
     logger.info("loaded %s version %s (%s, %s) from %s in %.2f s", served.name, served.version, manifest.task,
                 manifest.architecture, version.path, time.perf_counter() - started)
     return served

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from app.encoder_copies import copy_encoder_files
 from app.errors import InvalidInput
 from app.preprocess import prepare_images
 from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
@@ -39,6 +40,15 @@ from models.preprocessing import ImagePreprocessing, ImagePreprocessingError
 from models.text_encoding import PAD_ID, UNK_ID
 
 RunBlocking = Callable[..., Awaitable[Any]]  # run a function in the service's thread pool
+
+
+def _encoder_source(checkpoint: LoadedCheckpoint, task: str, tokenizer: TokenizerPool, owner: object) -> EncoderSource:
+    """Where the model's text encoder is read: with tokenizer processes, a private copy of its files as
+    loaded now (``app.encoder_copies``, removed with ``owner``), since a process may read them much later."""
+    copy_dir = ""
+    if tokenizer.processes > 0:
+        copy_dir = str(copy_encoder_files(checkpoint.directory, checkpoint.manifest, owner=owner))
+    return EncoderSource(str(checkpoint.directory), task, copy_dir)
 
 
 class TaskRunner(abc.ABC):
@@ -169,7 +179,7 @@ class TextRunner(TaskRunner):
     def __init__(self, checkpoint: LoadedCheckpoint, device: torch.device, precision: str = "auto",
                  tokenizer: TokenizerPool = IN_THREAD, script: bool = False) -> None:
         super().__init__(checkpoint, device, precision, script)
-        self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.source = _encoder_source(checkpoint, self.task, tokenizer, owner=self)
         self.encoder = load_encoder(self.source, checkpoint.manifest)  # the tokenizer processes load the same
         self.tokenizer = tokenizer
 
@@ -229,7 +239,7 @@ class MultimodalRunner(TaskRunner):
             self.image_preprocessing, _ = fusion_preprocessing(checkpoint.manifest)
         except (FusionInputError, ImagePreprocessingError) as error:
             raise CheckpointError(f"{checkpoint.directory}: bad multimodal image preprocessing ({error!r})") from None
-        self.source = EncoderSource(str(checkpoint.directory), self.task)
+        self.source = _encoder_source(checkpoint, self.task, tokenizer, owner=self)
         self.encoder = load_encoder(self.source, checkpoint.manifest)
         # WordPiece for the model's sentence encoder, if it has one: cheap, and bounded by what the
         # encoder reads, so it runs in the service's preparation threads rather than a child process
