@@ -13,11 +13,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.tasks import TaskRunner
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
 
@@ -186,3 +189,21 @@ def wait_for_metric(url: str, name: str, at_least: float, labels: dict[str, str]
         if time.monotonic() > until:
             raise TimeoutError(f"{name}{labels or ''} stayed below {at_least}")
         time.sleep(0.02)
+
+
+class StubRunner(TaskRunner):
+    """A runner over plain tensors for in-process worker tests: no checkpoint, payloads stacked as ``x``."""
+
+    task = "image"
+
+    def __init__(self) -> None:
+        pass
+
+    def prepare(self, inputs: Any, names: Any) -> list[Any]:
+        return list(inputs)
+
+    def collate(self, payloads: Any) -> dict[str, torch.Tensor]:
+        return {"x": torch.stack(list(payloads))}
+
+    def warmup_payload(self) -> Any:
+        return torch.zeros(2)

@@ -21,19 +21,26 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import torch
 from pydantic import ValidationError
-from servicekit import API_KEY, CLASSES, IMAGE_PREPROCESSING, Server, metric, save_image_model, serving
+from servicekit import (
+    API_KEY,
+    CLASSES,
+    IMAGE_PREPROCESSING,
+    Server,
+    StubRunner,
+    metric,
+    save_image_model,
+    serving,
+)
 from torch import nn
 
 from app.lifecycle import STARTING, Service
 from app.registry import ServedModel
 from app.settings import Settings
-from app.tasks import TaskRunner
 from app.worker import InferenceWorker
 from models import build_model
 from models.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, Manifest, load_checkpoint, new_manifest, save_checkpoint
@@ -465,22 +472,6 @@ def test_a_replaced_model_is_freed(tmp_path: Path) -> None:
     assert asyncio.run(reload_once()) == ("loaded", True)
 
 
-class _PlainRunner(TaskRunner):
-    task = "image"
-
-    def __init__(self) -> None:
-        pass
-
-    def prepare(self, inputs: Any, names: Any) -> list[Any]:
-        return list(inputs)
-
-    def collate(self, payloads: Any) -> dict[str, torch.Tensor]:
-        return {"x": torch.stack(list(payloads))}
-
-    def warmup_payload(self) -> Any:
-        return torch.zeros(2)
-
-
 class _Shift(nn.Module):
     def __init__(self, shift: list[float]) -> None:
         super().__init__()
@@ -493,7 +484,7 @@ class _Shift(nn.Module):
 def test_old_and_new_model_of_one_name_in_one_batch_each_answer_for_themselves() -> None:
     """During a swap, items of the old and the new load of a model may share a batch."""
     manifest = Manifest(name="m", task="image", architecture="x", config={}, classes=["a", "b"], preprocessing={})
-    old, new = (ServedModel("m", manifest, _Shift(shift), _PlainRunner(), Path("."), torch.device("cpu"))
+    old, new = (ServedModel("m", manifest, _Shift(shift), StubRunner(), Path("."), torch.device("cpu"))
                 for shift in ([0.0, 9.0], [9.0, 0.0]))
 
     async def scenario() -> list[list[torch.Tensor]]:

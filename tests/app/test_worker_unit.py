@@ -9,29 +9,13 @@ from typing import Any
 
 import pytest
 import torch
+from servicekit import StubRunner
 from torch import nn
 
 from app.errors import DeadlineExceeded, Unavailable
 from app.registry import ServedModel
-from app.tasks import TaskRunner
 from app.worker import InferenceWorker
 from models.checkpoint import Manifest
-
-
-class _Runner(TaskRunner):
-    task = "image"
-
-    def __init__(self) -> None:
-        pass
-
-    def prepare(self, inputs: Any, names: Any) -> list[Any]:
-        return list(inputs)
-
-    def collate(self, payloads: Any) -> dict[str, torch.Tensor]:
-        return {"x": torch.stack(list(payloads))}
-
-    def warmup_payload(self) -> Any:
-        return torch.zeros(2)
 
 
 class _AlwaysOutOfMemory(nn.Module):
@@ -46,7 +30,7 @@ class _Identity(nn.Module):
 
 def _served(model: nn.Module) -> ServedModel:
     manifest = Manifest(name="m", task="image", architecture="x", config={}, classes=["a", "b"], preprocessing={})
-    return ServedModel("m", manifest, model, _Runner(), Path("."), torch.device("cpu"))
+    return ServedModel("m", manifest, model, StubRunner(), Path("."), torch.device("cpu"))
 
 
 def test_single_item_out_of_memory_answers_503() -> None:
@@ -100,7 +84,7 @@ def test_worker_survives_an_item_cancelled_past_its_deadline_while_its_batch_for
     torch.testing.assert_close(rows[0], torch.tensor([0.5, 0.5]))
 
 
-class _CompilingRunner(_Runner):
+class _CompilingRunner(StubRunner):
     """Offers a 'compiled' forward (doubling), which fails on batches larger than ``works_up_to``."""
 
     def __init__(self, works_up_to: int) -> None:
@@ -146,7 +130,7 @@ def test_a_compiled_forward_is_used_only_once_it_has_run_its_warm_up() -> None:
 
 # ---- the fair queue: a short request is not served after another's long texts ----------------------
 
-class _TokenRunner(_Runner):
+class _TokenRunner(StubRunner):
     """Payloads are 1-D "token" tensors; the forward records each batch's lengths and returns zeros."""
 
     task = "text"
