@@ -39,6 +39,8 @@ class TrunkConfig:
     vocab_size: int = 0
     max_text_tokens: int = 256
     padding_idx: int = 0
+    # test-time view: an image model averages its logits over the image and its mirror
+    tta_flip: bool = False
 
 
 class ImageAdapter(nn.Module):
@@ -138,7 +140,11 @@ class TrunkClassifier(nn.Module):
         self.config = dataclasses.replace(self.config, num_classes=num_classes)
 
     def forward(self, images: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.embed(images, token_ids))  # (B, classes)
+        if self.training or not self.config.tta_flip or images is None or token_ids is not None:
+            return self.head(self.embed(images, token_ids))  # (B, classes)
+        # Both views in one batch: one pass of 2B keeps the matmuls busier than two passes of B.
+        logits = self.head(self.embed(torch.cat([images, images.flip(-1)])))
+        return logits.view(2, images.shape[0], -1).mean(dim=0)  # (B, classes)
 
 
 @register_model("trunk", TrunkConfig)

@@ -31,8 +31,9 @@ IMAGE_RECIPES: dict[str, dict[str, Any]] = {
                  "model": {"tta_translate": True}},
     "lenet": {"epochs": 10, "batch_size": 100, "optimizer": "sgd", "lr": 1e-3, "weight_decay": 0.0,
               "label_smoothing": 0.0, "warmup_fraction": 0.0, "momentum": 0.9, "schedule": "constant"},
-    "trunk": {"epochs": 6, "batch_size": 256, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05,
-              "label_smoothing": 0.1, "warmup_fraction": 0.1, "schedule": "cosine"},
+    "trunk": {"epochs": 20, "batch_size": 256, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05,
+              "label_smoothing": 0.1, "warmup_fraction": 0.1, "schedule": "cosine", "flip": "alternating",
+              "model": {"tta_flip": True}},
 }
 
 
