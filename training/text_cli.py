@@ -17,6 +17,18 @@ from training.cli import _key_value, _loop_overrides, add_loop_arguments
 REMOVABLE_HELP = "comma-separated parts to strip from posts: headers,footers,quotes (default: keep all)"
 
 
+def _grid(text: str) -> tuple[str, tuple[float, ...]]:
+    """``ARM=V,V,…`` → (arm, values): one arm's learning-rate grid for ``transfer-study``."""
+    arm, separator, values = text.partition("=")
+    try:
+        grid = tuple(float(value) for value in values.split(","))
+    except ValueError:
+        grid = ()
+    if not separator or not arm or not grid or any(not value > 0 for value in grid):
+        raise argparse.ArgumentTypeError(f"expected ARM=V,V with positive values, got {text!r}")
+    return arm, grid
+
+
 def _preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if args.lowercase is not None:
@@ -68,6 +80,8 @@ def _study_command(args: argparse.Namespace) -> dict[str, Any]:
 
     return run_transfer_study(StudyOptions(
         image_checkpoint=args.from_checkpoint, data=args.data, output=args.output, quick=args.quick,
+        compare_checkpoint=args.compare_from, arms=tuple(args.arms) if args.arms else None,
+        grids=dict(args.grid or []),
         fractions=tuple(args.fractions) if args.fractions else None,
         seeds=tuple(args.seeds) if args.seeds else None, epochs=args.epochs, max_tokens=args.max_tokens,
         device=args.device, report_only=args.report_only,
@@ -122,8 +136,13 @@ def add_commands(commands: Any) -> None:
 
     study = commands.add_parser("transfer-study", help="scratch vs image-initialised trunk at 1/10/100%% of labels")
     study.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="image trunk checkpoint")
+    study.add_argument("--compare-from", type=Path,
+                       help="a second image trunk checkpoint (e.g. a weaker source): adds the previous-image-frozen arm")
     study.add_argument("--data", type=Path, required=True)
     study.add_argument("--output", type=Path, required=True, help="results folder (table, plot, raw JSON)")
+    study.add_argument("--arms", nargs="+", help="run only these arms (default: all)")
+    study.add_argument("--grid", type=_grid, action="append", metavar="ARM=V,V",
+                       help="replace an arm's learning-rate grid (C for tfidf-svm), e.g. image-frozen=0.1,0.3")
     study.add_argument("--quick", action="store_true", help="a tiny budget for tests: 1 seed, small data, 1 epoch")
     study.add_argument("--fractions", type=float, nargs="+", help="label budgets (default 0.01 0.1 1.0)")
     study.add_argument("--seeds", type=int, nargs="+", help="training seeds (default 0 1 2)")

@@ -8,12 +8,15 @@ validation split (``split_seed`` 0):
   knowledge that helps, or only training the adapter and head on a fixed trunk?);
 * ``image-frozen`` — trunk from the image checkpoint, frozen except its LayerNorms;
 * ``image-finetuned`` — trunk from the image checkpoint, everything trained;
+* ``previous-image-frozen`` — like ``image-frozen`` from a second image checkpoint
+  (``--compare-from``, e.g. a weaker source), so the effect of the source shows beside it;
 * ``tfidf-svm`` — reference: TF-IDF (word 1–2-grams, sublinear tf) + linear SVM (scikit-learn).
 
-Budgets: 1%, 10%, 100% of the training labels (a stratified subset chosen by the seed; the same
-subset for every arm). Tuning: at every (arm, budget) the learning-rate grid of the arm (C grid for
-the SVM) runs with seed 0; the best value on validation then runs the remaining seeds; the table
-reports mean ± std over seeds at that value (seed 0's tuning run included, the same for every arm).
+``--arms`` runs a subset and ``--grid ARM=V,V`` replaces an arm's grid (an affordable study on
+longer posts tunes over fewer values). Budgets: 1%, 10%, 100% of the training labels (a stratified
+subset chosen by the seed; the same subset for every arm). Tuning: at every (arm, budget) the
+learning-rate grid of the arm (C grid for the SVM) runs with seed 0; the best value on validation
+then runs the remaining seeds; the table reports mean ± std over seeds at that value (seed 0's tuning run included, the same for every arm).
 Every finished run is appended to ``runs.json`` so an interrupted study resumes where it stopped.
 Outputs in the results folder: ``runs.json``, ``results.md`` (table) and ``transfer.png`` (plot).
 """
@@ -43,9 +46,10 @@ ARMS: dict[str, dict[str, Any]] = {
     "random-frozen": {"image": False, "freeze": "trunk-except-norms", "grid": (1e-2, 3e-2, 1e-1, 3e-1)},
     "image-frozen": {"image": True, "freeze": "trunk-except-norms", "grid": (1e-2, 3e-2, 1e-1, 3e-1)},
     "image-finetuned": {"image": True, "freeze": "none", "grid": (1e-3, 3e-3, 1e-2)},
+    "previous-image-frozen": {"image": "previous", "freeze": "trunk-except-norms", "grid": (1e-2, 3e-2, 1e-1, 3e-1)},
     "tfidf-svm": {"image": False, "freeze": "none", "grid": (0.3, 1.0, 3.0)},  # C, not a learning rate
 }
-NEURAL_ARMS = ("scratch", "random-frozen", "image-frozen", "image-finetuned")
+NEURAL_ARMS = ("scratch", "random-frozen", "image-frozen", "image-finetuned", "previous-image-frozen")
 TRUNK_SHAPE = ("dim", "depth", "heads", "mlp_ratio", "dropout")
 
 
@@ -54,6 +58,9 @@ class StudyOptions:
     image_checkpoint: Path
     data: Path
     output: Path
+    compare_checkpoint: Path | None = None  # the source of ``previous-image-frozen``
+    arms: tuple[str, ...] | None = None  # default: every arm (``previous-image-frozen`` with a compare checkpoint)
+    grids: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)  # per-arm grid overrides
     quick: bool = False
     fractions: tuple[float, ...] | None = None
     seeds: tuple[int, ...] | None = None
@@ -67,14 +74,26 @@ class StudyOptions:
     batch_size: int = 32
 
 
+def study_arms(options: StudyOptions) -> tuple[str, ...]:
+    """The arms to run, in table order; refuses unknown names and a comparison without its source."""
+    arms = options.arms or tuple(arm for arm in ARMS if arm != "previous-image-frozen" or options.compare_checkpoint)
+    unknown = sorted(set(arms) - set(ARMS)) + sorted(set(options.grids) - set(ARMS))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
+    if "previous-image-frozen" in arms and options.compare_checkpoint is None:
+        raise ValueError("the previous-image-frozen arm needs --compare-from (the image checkpoint to compare with)")
+    return tuple(arm for arm in ARMS if arm in arms)
+
+
 def _settings(options: StudyOptions) -> dict[str, Any]:
+    arms = study_arms(options)
     if options.quick:
+        grids = {arm: options.grids.get(arm, ARMS[arm]["grid"][1:2]) for arm in arms}
         return {"fractions": options.fractions or (0.5, 1.0), "seeds": options.seeds or (0,),
-                "max_tokens": options.max_tokens or 32, "grids": {arm: spec["grid"][1:2] for arm, spec in ARMS.items()},
-                "epochs": options.epochs or 1}
+                "max_tokens": options.max_tokens or 32, "grids": grids, "epochs": options.epochs or 1}
     return {"fractions": options.fractions or (0.01, 0.1, 1.0), "seeds": options.seeds or (0, 1, 2),
-            "max_tokens": options.max_tokens or 64, "grids": {arm: spec["grid"] for arm, spec in ARMS.items()},
-            "epochs": options.epochs}
+            "max_tokens": options.max_tokens or 64,
+            "grids": {arm: options.grids.get(arm, ARMS[arm]["grid"]) for arm in arms}, "epochs": options.epochs}
 
 
 def _epochs(options: StudyOptions, fixed: int | None, posts: int) -> int:
@@ -98,11 +117,12 @@ def _tfidf_accuracy(prepared: PreparedText, c: float) -> float:
 def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyOptions, settings: dict[str, Any],
              data: Any) -> dict[str, Any]:
     spec = ARMS[arm]
+    source = options.compare_checkpoint if spec["image"] == "previous" else options.image_checkpoint
     image_config = read_manifest(options.image_checkpoint).config
     run = TextRunOptions(
         data=options.data, architecture="trunk", preprocessing={"max_tokens": settings["max_tokens"]},
         model_config={} if spec["image"] else {k: image_config[k] for k in TRUNK_SHAPE if k in image_config},
-        seed=seed, device=options.device, parent=options.image_checkpoint if spec["image"] else None,
+        seed=seed, device=options.device, parent=source if spec["image"] else None,
         freeze=spec["freeze"], label_fraction=fraction, batch_size=options.batch_size,
     )
     prepared = prepare_text_run(run, data=data)
@@ -147,7 +167,7 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
     cells: list[dict[str, Any]] = []
     seeds = settings["seeds"]
     for fraction in settings["fractions"]:
-        for arm in ARMS:
+        for arm in settings["grids"]:
             grid = settings["grids"][arm]
             if options.report_only:  # what has been measured so far, nothing new
                 tuning = [runs[k] for k in (_key(arm, v, fraction, seeds[0]) for v in grid) if k in runs]
@@ -166,7 +186,9 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
                           "complete": len(tuning) == len(grid) and len(scores) == len(seeds)})
     summary = {"settings": {**{k: v for k, v in settings.items() if k != "grids"},
                             "grids": {k: list(v) for k, v in settings["grids"].items()},
-                            "image_checkpoint": str(options.image_checkpoint), "data": str(options.data)},
+                            "image_checkpoint": str(options.image_checkpoint),
+                            "compare_checkpoint": str(options.compare_checkpoint) if options.compare_checkpoint else None,
+                            "data": str(options.data)},
                "cells": cells, "seconds": time.perf_counter() - started}
     (options.output / "summary.json").write_text(json.dumps(summary, indent=2))
     (options.output / "results.md").write_text(results_table(cells, settings))
@@ -179,7 +201,7 @@ def results_table(cells: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     fractions = sorted({c["fraction"] for c in cells})
     header = "| arm | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |"
     lines = [header, "|---" * (len(fractions) + 1) + "|"]
-    for arm in ARMS:
+    for arm in settings["grids"]:
         row = [f"`{arm}`"]
         for fraction in fractions:
             cell = next((c for c in cells if c["arm"] == arm and c["fraction"] == fraction), None)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,8 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving import harness  # noqa: E402
-from training.calibration import expected_calibration_error  # noqa: E402
+from benchmarks.serving.scoring import distribution_metrics, serve_checkpoint  # noqa: E402
 from training.image_data import _list_image_folder, stratified_split  # noqa: E402
 
 
@@ -48,30 +45,19 @@ def score(checkpoint: Path, files: list[tuple[Path, int]], classes: list[str], b
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     if manifest["classes"] != classes:
         raise SystemExit(f"the checkpoint's classes {manifest['classes']} differ from the folder's {classes}")
-    with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as log_dir:
-        shutil.copytree(checkpoint, Path(model_dir) / manifest["name"])  # the service skips links out of MODEL_DIR
-        server = harness.start_service("score", {"MODEL_DIR": model_dir}, Path(log_dir))
-        try:
-            rows: list[list[float]] = []
-            started = time.perf_counter()
-            with httpx.Client(base_url=server.url, timeout=120) as client:
-                for start in range(0, len(files), batch):
-                    chunk = files[start:start + batch]
-                    uploads = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path, _ in chunk]
-                    response = client.post("/v1/image/classify", files=uploads,
-                                           params={"model": manifest["name"], "top_k": 1})
-                    response.raise_for_status()
-                    rows.extend([prediction["probabilities"][name] for name in classes]
-                                for prediction in response.json()["predictions"])
-            seconds = time.perf_counter() - started
-        finally:
-            server.stop()
-    probabilities = torch.tensor(rows, dtype=torch.float64)
-    labels = torch.tensor([label for _, label in files])
-    nll = -probabilities[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean()
-    return {"images": len(files), "accuracy": float((probabilities.argmax(1) == labels).double().mean()),
-            "ece": expected_calibration_error(probabilities.float(), labels), "nll": float(nll),
-            "seconds": seconds, "images_per_s": len(files) / seconds}
+    with serve_checkpoint(checkpoint) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        rows: list[list[float]] = []
+        started = time.perf_counter()
+        for start in range(0, len(files), batch):
+            chunk = files[start:start + batch]
+            uploads = [("files", (path.name, path.read_bytes(), "image/jpeg")) for path, _ in chunk]
+            response = client.post("/v1/image/classify", files=uploads, params={"model": manifest["name"], "top_k": 1})
+            response.raise_for_status()
+            rows.extend([prediction["probabilities"][name] for name in classes]
+                        for prediction in response.json()["predictions"])
+        seconds = time.perf_counter() - started
+    metrics = distribution_metrics(rows, [label for _, label in files], classes)
+    return {"images": len(files), **metrics, "seconds": seconds, "images_per_s": len(files) / seconds}
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Text recipes on a *temporal* validation split: each newsgroup's latest posts held out.
 
 Usage: ``python benchmarks/text/temporal_split.py --data /work/data/20news-bydate-train
-[--variant NAME="train-text options"]… [--output benchmarks/text/temporal.md]``.
+[--variant NAME="train-text options"]… [--output benchmarks/text/temporal.md]``. A variant whose
+options start with ``finetune-text`` runs that command instead (an image-initialised trunk model).
 
 The held-out 20 Newsgroups test posts are *later* than the training posts (the "bydate" split), so
 a random validation split overstates what a model will score on them: the scikit-learn reference
@@ -66,12 +67,16 @@ def reference_accuracy(split: Path) -> float:
 def run_variant(split: Path, runs: Path, name: str, options: str) -> dict[str, float]:
     """Train ``name`` with the ``train-text`` options on the early posts; its metrics on the late ones.
     Both commands run in ``runs``, so their token caches (``.cache/``) go there too."""
+    arguments = shlex.split(options)
+    command = arguments.pop(0) if arguments[:1] == ["finetune-text"] else "train-text"
+    # the commands run in ``runs``: a path given relative to here (``--from checkpoints/…``) must still resolve
+    arguments = [str(Path(a).resolve()) if not a.startswith("-") and Path(a).exists() else a for a in arguments]
     checkpoint = runs / name
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     with open(runs / f"{name}.log", "w") as log:
-        subprocess.run([sys.executable, "-m", "training", "train-text", "--data", str(split / "train"),
-                        "--output", str(checkpoint), "--name", name, *shlex.split(options)],
+        subprocess.run([sys.executable, "-m", "training", command, "--data", str(split / "train"),
+                        "--output", str(checkpoint), "--name", name, *arguments],
                        cwd=runs, env=environment, stdout=log, stderr=subprocess.STDOUT, check=True)
     seconds = time.perf_counter() - started
     scored = subprocess.run([sys.executable, "-m", "training", "evaluate", str(checkpoint), "--data",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from training.cli import main
 
 
@@ -33,3 +35,34 @@ def test_transfer_study_quick_writes_table_plot_and_every_arm(image_trunk_checkp
     rows = {line.split(" | ")[0].strip("| `"): line for line in (results / "results.md").read_text().splitlines()}
     assert rows["scratch"].endswith("| not run |") and rows["tfidf-svm"].endswith("| not run |")
     assert "not run" not in rows["image-frozen"]
+
+
+def test_transfer_study_compares_two_sources_on_chosen_arms_and_grids(image_trunk_checkpoint: Path, news_subset: Path,
+                                                                      tmp_path: Path) -> None:
+    results = tmp_path / "study"
+    assert main(["transfer-study", "--from", str(image_trunk_checkpoint), "--compare-from", str(image_trunk_checkpoint),
+                 "--data", str(news_subset), "--output", str(results), "--quick", "--device", "cpu", "--fractions", "1.0",
+                 "--arms", "image-frozen", "previous-image-frozen", "--grid", "image-frozen=0.05,0.2"]) == 0
+    runs = json.loads((results / "runs.json").read_text())
+    assert sorted((r["arm"], r["value"]) for r in runs) == [
+        ("image-frozen", 0.05), ("image-frozen", 0.2), ("previous-image-frozen", 0.03)]
+    assert "`previous-image-frozen`" in (results / "results.md").read_text()
+    assert "`scratch`" not in (results / "results.md").read_text()
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["settings"]["compare_checkpoint"] == str(image_trunk_checkpoint)
+    assert summary["settings"]["grids"] == {"image-frozen": [0.05, 0.2], "previous-image-frozen": [0.03]}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in runs)
+
+
+def test_transfer_study_refuses_unknown_arms_bad_grids_and_a_comparison_without_its_source(
+        image_trunk_checkpoint: Path, news_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["transfer-study", "--from", str(image_trunk_checkpoint), "--data", str(news_subset),
+            "--output", str(tmp_path / "study"), "--quick"]
+    assert main([*base, "--arms", "image-frozen", "mystery"]) == 2
+    assert "unknown arm(s) mystery" in capsys.readouterr().err
+    assert main([*base, "--arms", "previous-image-frozen"]) == 2
+    assert "needs --compare-from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*base, "--grid", "image-frozen=0.1,-1"])
+    assert "positive values" in capsys.readouterr().err
+    assert not (tmp_path / "study" / "runs.json").exists()
