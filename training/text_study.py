@@ -16,7 +16,8 @@ validation split (``split_seed`` 0):
 longer posts tunes over fewer values). Budgets: 1%, 10%, 100% of the training labels (a stratified
 subset chosen by the seed; the same subset for every arm). Tuning: at every (arm, budget) the
 learning-rate grid of the arm (C grid for the SVM) runs with seed 0; the best value on validation
-then runs the remaining seeds; the table reports mean ± std over seeds at that value (seed 0's tuning run included, the same for every arm).
+then runs the remaining seeds; the table reports mean ± std over seeds at that value (seed 0's
+tuning run included, the same for every arm).
 Every finished run is appended to ``runs.json`` so an interrupted study resumes where it stopped.
 Outputs in the results folder: ``runs.json``, ``results.md`` (table) and ``transfer.png`` (plot).
 """
