@@ -1,4 +1,4 @@
-"""The OpenAPI document, adjusted so the /docs page can upload files.
+"""The OpenAPI document: the error responses each route declares, and uploads the /docs page can pick.
 
 FastAPI describes an optional upload as ``anyOf: [{type: string, contentMediaType: ...}, {type: null}]``
 (and a list of them likewise; a part that may also be a plain field, ``UploadFile | str``, adds a
@@ -13,6 +13,26 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+
+from app.schemas import ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the listed error statuses (all answer ``{"detail": ...}``)."""
+    return {status: {"model": ErrorBody, "description": _ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "undecodable or truncated image",
+    401: "missing or invalid API key (only when API_KEYS is set)",
+    404: "unknown model or version, or a model of another task",
+    408: "the request body did not arrive within BODY_TIMEOUT",
+    413: "request body, form field or image too large",
+    415: "unsupported image format, or a body of another Content-Type than the route takes",
+    422: "invalid request: bad parameters, malformed JSON, empty, too long or too many inputs",
+    503: "starting, shutting down, or overloaded (see Retry-After)",
+    504: "no result within the request deadline",
+}
 
 
 def _is_upload(schema: dict[str, Any]) -> bool:

@@ -1,8 +1,10 @@
 """The training command line: ``python -m training <command> …``.
 
-Commands: ``pretrain-image``, ``finetune-image``, ``evaluate`` (and the text, fusion and export commands
-their modules add). Known failures (missing path, empty class folder, unreadable image, bad
-checkpoint) print one clear line and exit with status 2.
+This module is the one parser; every command comes from the module that owns it (``TASK_COMMANDS``):
+``pretrain-image`` and ``finetune-image`` from ``training.image.cli``, ``evaluate`` from
+``training.evaluate``, the text and fusion commands from ``training.text.cli`` and
+``training.fusion.cli``, ``export`` from ``training.export``. Known failures (missing path, empty
+class folder, unreadable image, bad checkpoint) print one clear line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ import json
 import logging
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
 from models.checkpoint import CheckpointError
 from models.registry import UnknownModelError
-from training.image_data import DataError
+from training.image.data import DataError
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -52,77 +53,15 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
 
 
-def _image_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.common import init_distributed
-    from training.image_task import ImageRunOptions, run_image_training
-
-    init_distributed()
-    return run_image_training(ImageRunOptions(
-        data=args.data, output=args.output, architecture=getattr(args, "arch", "fastconv"),
-        model_config=dict(getattr(args, "config", None) or []), loop=_loop_overrides(args),
-        batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
-        device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
-        limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
-        refit_full=getattr(args, "refit_full", False), calibration_from=getattr(args, "calibration_from", None),
-        freeze=getattr(args, "freeze", "auto"), class_weights=getattr(args, "class_weights", "auto"),
-        calibration_folds=getattr(args, "calibration_folds", "auto"),
-    ))
-
-
-def _evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.evaluate import evaluate_checkpoint
-
-    return evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
-
-
-# The modules that add the text, fusion and export commands (``add_commands(subparsers)``).
-TASK_COMMANDS = ("training.text_cli", "training.fusion_cli", "training.export")
+# The modules that add the commands (``add_commands(subparsers)``), in the order ``--help`` lists them:
+# each task's own, and the two that take any task's checkpoint (``evaluate``, ``export``).
+TASK_COMMANDS = ("training.image.cli", "training.evaluate", "training.text.cli", "training.fusion.cli", "training.export")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    pretrain = commands.add_parser("pretrain-image", help="train an image classifier from scratch")
-    pretrain.add_argument("--data", type=Path, required=True, help="ImageFolder tree or CIFAR-10 python-batch folder")
-    pretrain.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
-    pretrain.add_argument("--arch", default="fastconv", help="architecture name (fastconv, lenet, trunk)")
-    pretrain.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
-                          help="architecture config override, e.g. widths=[96,384,384]")
-    pretrain.add_argument("--name", help="model name served by the API (default: the output folder name)")
-    pretrain.add_argument("--refit-full", action="store_true",
-                          help="train on every image (no validation split); needs --calibration-from")
-    pretrain.add_argument("--calibration-from", type=Path, metavar="CHECKPOINT",
-                          help="with --refit-full: the same recipe trained with its validation split, whose "
-                               "temperature and validation metrics the refit takes over")
-    add_loop_arguments(pretrain)
-    pretrain.set_defaults(handler=_image_command)
-
-    finetune = commands.add_parser("finetune-image", help="fine-tune an image checkpoint on your own classes")
-    finetune.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="image checkpoint to start from")
-    finetune.add_argument("--data", type=Path, required=True, help="ImageFolder tree: one folder per class")
-    finetune.add_argument("--output", type=Path, required=True)
-    finetune.add_argument("--name")
-    finetune.add_argument("--freeze", choices=["auto", "backbone", "none"], default="auto",
-                          help="keep the pretrained backbone fixed and fit only the classifier (auto: when the median "
-                               "class has fewer than 500 images)")
-    finetune.add_argument("--class-weights", choices=["auto", "balanced", "none"], default="auto",
-                          help="weight classes inversely to their size (auto: when the largest outnumbers the "
-                               "smallest by more than 1.5×)")
-    finetune.add_argument("--calibration-folds", default="auto", metavar="K|auto",
-                          help="calibrate and validate on K-fold out-of-fold predictions of every image, then train "
-                               "on all (auto: 5 folds when the validation split would hold under 500 images; 0: the split)")
-    add_loop_arguments(finetune)
-    finetune.set_defaults(handler=_image_command)
-
-    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a labelled data set")
-    evaluate.add_argument("checkpoint", type=Path)
-    evaluate.add_argument("--data", type=Path, required=True)
-    evaluate.add_argument("--batch-size", type=int, default=500)
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--json", action="store_true", help="print the full metrics as JSON")
-    evaluate.set_defaults(handler=_evaluate_command)
 
     for module_name in TASK_COMMANDS:  # each task registers its commands into this one parser
         importlib.import_module(module_name).add_commands(commands)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from models.checkpoint import load_checkpoint
 from models.preprocessing import ImagePreprocessing
-from training.common import pick_device
-from training.image_data import load_image_folder
-from training.image_task import evaluation_batches
-from training.loop import predict_logits
-from training.metrics import classification_metrics
+from training.engine.common import pick_device
+from training.engine.loop import predict_logits
+from training.engine.metrics import classification_metrics
+from training.image.data import load_image_folder
+from training.image.task import evaluation_batches
 
 
 def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, device: str = "auto") -> dict[str, Any]:
@@ -26,9 +27,23 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, dev
         batches = evaluation_batches(dataset, preprocessing, batch_size)
         logits, labels = predict_logits(loaded.model.to(torch_device), batches, torch_device)
     else:
-        from training.text_evaluate import text_logits  # type: ignore[import-not-found]
+        from training.text.evaluate import text_logits  # type: ignore[import-not-found]
 
         logits, labels = text_logits(loaded, data, batch_size, torch_device)
     metrics = classification_metrics(logits, labels, manifest.classes, manifest.temperature)
     metrics["checkpoint"] = str(checkpoint)
     return metrics
+
+
+def _evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
+    return evaluate_checkpoint(args.checkpoint, args.data, batch_size=args.batch_size, device=args.device)
+
+
+def add_commands(commands: Any) -> None:
+    evaluate = commands.add_parser("evaluate", help="score a checkpoint on a labelled data set")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--batch-size", type=int, default=500)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true", help="print the full metrics as JSON")
+    evaluate.set_defaults(handler=_evaluate_command)

@@ -49,7 +49,7 @@ from models.fusion import (
 )
 from models.preprocessing import ImagePreprocessing
 from models.text_encoding import PAD_ID, UNK_ID, TextEncoder, load_text_encoder
-from training.image_data import decode_image
+from training.image.data import decode_image
 
 logger = logging.getLogger(__name__)
 

@@ -7,16 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Request, Response, UploadFile
 
 from app.errors import InvalidInput
-from app.routes.deps import (
-    ModelQuery,
-    ServiceDep,
-    TopKQuery,
-    VersionQuery,
-    check_item_count,
-    classify,
-    error_responses,
-)
+from app.openapi import error_responses
+from app.pipeline import classify
+from app.routes.deps import ModelQuery, ServiceDep, TopKQuery, VersionQuery
 from app.routes.guarded import GuardedRoute
+from app.routes.limits import check_item_count
 from app.schemas import ClassifyResponse
 
 router = APIRouter(prefix="/v1/image", tags=["classify"], route_class=GuardedRoute)

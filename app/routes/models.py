@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Path
 
+from app.openapi import error_responses
 from app.registry import ModelRegistry, ServedModel
-from app.routes.deps import ServiceDep, VersionQuery, error_responses
+from app.routes.deps import ServiceDep, VersionQuery
 from app.schemas import ModelInfo, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

@@ -20,16 +20,11 @@ from fastapi import APIRouter, File, Form, Request, Response, UploadFile
 from starlette.datastructures import UploadFile as FormFile
 
 from app.errors import InvalidInput
-from app.routes.deps import (
-    ModelQuery,
-    ServiceDep,
-    TopKQuery,
-    VersionQuery,
-    check_item_count,
-    classify,
-    error_responses,
-)
+from app.openapi import error_responses
+from app.pipeline import classify
+from app.routes.deps import ModelQuery, ServiceDep, TopKQuery, VersionQuery
 from app.routes.guarded import GuardedRoute
+from app.routes.limits import check_item_count
 from app.schemas import ClassifyResponse
 from app.tasks import Pair
 

@@ -5,17 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.errors import InvalidInput
-from app.routes.deps import (
-    ModelQuery,
-    ServiceDep,
-    TopKQuery,
-    VersionQuery,
-    check_item_count,
-    checked_text,
-    classify,
-    error_responses,
-)
+from app.openapi import error_responses
+from app.pipeline import classify
+from app.routes.deps import ModelQuery, ServiceDep, TopKQuery, VersionQuery
 from app.routes.guarded import GuardedRoute
+from app.routes.limits import check_item_count, checked_text
 from app.schemas import ClassifyResponse, TextClassifyRequest
 
 router = APIRouter(prefix="/v1/text", tags=["classify"], route_class=GuardedRoute)

@@ -8,7 +8,7 @@ model's order (``parameters.classes`` of the model's metadata). Extensions: bina
 elements length-prefixed, 4 bytes little-endian; outputs in binary when asked) and classification
 (``"value:index:label"`` strings, the top k of each item).
 
-An inference request goes the /v1 way (``deps.predict``: admission, deadline, batching, the same
+An inference request goes the /v1 way (``app.pipeline.predict``: admission, deadline, batching, the same
 decoding and tokenising limits). Before any of it, cheap refusals in order: the model; the binary
 layout (the ``Inference-Header-Content-Length`` within the body and ``MAX_JSON_BYTES``); the JSON
 header parsed within a budget of values; names, datatypes, shapes and item counts; binary sizes that
@@ -32,9 +32,11 @@ from pydantic import BaseModel, Field
 from app.errors import InvalidInput, PayloadTooLarge, UnsupportedFormat
 from app.lifecycle import READY, Service
 from app.middleware import BodyRule
+from app.pipeline import predict
 from app.registry import ServedModel
-from app.routes.deps import ServiceDep, check_item_count, checked_text, predict
+from app.routes.deps import ServiceDep
 from app.routes.guarded import BoundedParser, JsonTooCostly
+from app.routes.limits import check_item_count, checked_text
 from app.settings import Settings
 from app.tasks import Pair
 

@@ -94,8 +94,8 @@ def image_pools(data: Path, fraction: float, seed: int) -> dict[str, list[Path]]
     """Per class, the image files of the checkpoint run's validation split (all files when fraction is 0)."""
     import torch
 
-    from training.image_data import IMAGE_SUFFIXES as READABLE
-    from training.image_data import stratified_split
+    from training.image.data import IMAGE_SUFFIXES as READABLE
+    from training.image.data import stratified_split
 
     classes = sorted(p.name for p in data.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = [(p, index) for index, name in enumerate(classes)

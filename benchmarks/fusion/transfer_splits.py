@@ -31,14 +31,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from models.text_encoding import tokenize  # noqa: E402
-from training.fusion_data import load_pairs  # noqa: E402
-from training.fusion_late import build_late, train_late_head  # noqa: E402
-from training.fusion_prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare  # noqa: E402
-from training.fusion_sentence import SentenceSource, load_sentence_source  # noqa: E402
-from training.fusion_stacking import ScorerOptions  # noqa: E402
-from training.fusion_text import tweet_preprocessing  # noqa: E402
-from training.fusion_transfer import load_image_parent, load_text_parent  # noqa: E402
-from training.metrics import classification_metrics  # noqa: E402
+from training.engine.metrics import classification_metrics  # noqa: E402
+from training.fusion.data import load_pairs  # noqa: E402
+from training.fusion.late import build_late, train_late_head  # noqa: E402
+from training.fusion.prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare  # noqa: E402
+from training.fusion.sentence import SentenceSource, load_sentence_source  # noqa: E402
+from training.fusion.stacking import ScorerOptions  # noqa: E402
+from training.fusion.text import tweet_preprocessing  # noqa: E402
+from training.fusion.transfer import load_image_parent, load_text_parent  # noqa: E402
 
 # name → (transferred image encoder, transferred text side, pretrained sentence encoder)
 VARIANTS = {"T": (True, True, False), "S": (False, False, False), "Ti+St": (True, False, False),

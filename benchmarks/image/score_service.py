@@ -3,7 +3,7 @@
 Starts ``python -m app.serve`` on a folder holding only the checkpoint, uploads every image of an
 ImageFolder tree (or the checkpoint's own validation split of it: the stratified split that
 ``pretrain-image`` held out, same fraction and seed) to ``/v1/image/classify`` in batches, and
-reports accuracy, ECE (15 equal-width bins, as ``training.calibration``) and NLL of the calibrated
+reports accuracy, ECE (15 equal-width bins, as ``training.engine.calibration``) and NLL of the calibrated
 distributions the service returns, beside what the manifest claims for the same images. The service
 runs the weights in its own precision and path (decoding, bfloat16 autocast on a CPU that has it,
 the traced forward), so this is the number a client sees.
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving.scoring import distribution_metrics, serve_checkpoint  # noqa: E402
-from training.image_data import _list_image_folder, stratified_split  # noqa: E402
+from training.image.data import _list_image_folder, stratified_split  # noqa: E402
 
 
 def image_files(data: Path, split: str, fraction: float, seed: int) -> tuple[list[str], list[tuple[Path, int]]]:

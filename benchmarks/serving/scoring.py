@@ -3,7 +3,7 @@
 ``serve_checkpoint`` starts ``python -m app.serve`` on a temporary ``MODEL_DIR`` holding a copy of one
 checkpoint (the service skips links out of ``MODEL_DIR``); ``distribution_metrics`` turns the
 calibrated distributions the service returned into accuracy, macro-F1, ECE (15 equal-width bins, as
-``training.calibration``) and NLL.
+``training.engine.calibration``) and NLL.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.serving import harness
-from training.metrics import classification_metrics
+from training.engine.metrics import classification_metrics
 
 
 @contextlib.contextmanager

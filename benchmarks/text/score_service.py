@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.serving.scoring import distribution_metrics, serve_checkpoint  # noqa: E402
-from training.text_data import load_text_data  # noqa: E402
+from training.text.data import load_text_data  # noqa: E402
 
 REQUEST_BYTES = 256 * 1024  # keeps each request far below the service's JSON body limit
 

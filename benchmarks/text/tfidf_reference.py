@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from training.text_data import load_text_data, stratified_split  # noqa: E402
+from training.text.data import load_text_data, stratified_split  # noqa: E402
 
 logger = logging.getLogger("tfidf_reference")
 

@@ -48,7 +48,7 @@ def trunk_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ngram_text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ngram_bag text checkpoint (random weights) whose preprocessing tags headers, as 20NG's may."""
-    from training.fusion_text import BagOptions, build_bag
+    from training.fusion.text import BagOptions, build_bag
 
     preprocessing = TextPreprocessing(header_fields=("subject",), max_tokens=256)
     texts = ["Subject: space shuttle\n\nthe launch was great", "graphics cards are slow today",

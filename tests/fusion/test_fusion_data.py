@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.fusion_data import load_pairs
-from training.image_data import DataError
+from training.fusion.data import load_pairs
+from training.image.data import DataError
 
 
 def _rows(subset: Path, count: int) -> list[dict[str, str]]:

@@ -105,7 +105,7 @@ def test_a_multimodal_checkpoint_round_trips(tmp_path: Path) -> None:
 
 
 def test_lexicon_features_sum_valences_and_flip_them_after_a_negator() -> None:
-    from training.sentiment_lexicon import lexicon_tables, read_vader_lexicon
+    from training.fusion.lexicon import lexicon_tables, read_vader_lexicon
 
     itos = ["<pad>", "<unk>", "good", "not", "day", "awful", "#happy", ":)"]
     model = build_model("fusion_late", {**TINY_LATE, "text": {"vocab_size": len(itos), "num_classes": 3, "max_tokens": 16},

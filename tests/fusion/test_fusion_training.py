@@ -11,7 +11,7 @@ import torch
 from models.checkpoint import load_checkpoint
 from models.fusion import collate_fusion_batch, fusion_preprocessing, load_fusion_text_encoder
 from training.cli import main
-from training.fusion_data import load_pairs
+from training.fusion.data import load_pairs
 
 
 def test_late_fusion_beats_the_majority_class_and_writes_a_servable_checkpoint(
@@ -55,8 +55,8 @@ def test_a_full_refit_learns_from_the_validation_pairs_and_keeps_the_split_runs_
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from models.text_encoding import Vocabulary
-    from training.fusion_prep import SPLIT_SEED
-    from training.image_data import stratified_split
+    from training.fusion.prep import SPLIT_SEED
+    from training.image.data import stratified_split
 
     common = ["--data", str(pairs_subset), "--image-from", str(fastconv_checkpoint), "--text-from",
               str(ngram_text_checkpoint), "--epochs", "3", "--folds", "2", "--calibration-folds", "0"]

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from models.checkpoint import load_state_dict
-from training.fusion_joint import build_joint
-from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import FusionOptions, prepare
-from training.fusion_transfer import TransferError, load_image_parent, load_text_parent
+from training.fusion.joint import build_joint
+from training.fusion.late import build_late, train_late_head
+from training.fusion.prep import FusionOptions, prepare
+from training.fusion.transfer import TransferError, load_image_parent, load_text_parent
 
 
 def _options(data: Path, **values: object) -> FusionOptions:

@@ -15,8 +15,8 @@ from models.checkpoint import load_checkpoint, sha256_file
 from models.fusion import FusionInputError, collate_fusion_batch, fusion_preprocessing, load_fusion_sentence_tokenizer
 from models.sentence_encoder import SentenceEncoder, SentenceEncoderConfig, WordPieceTokenizer
 from training.cli import main
-from training.fusion_data import load_pairs
-from training.fusion_sentence import SentenceSourceError, load_sentence_source
+from training.fusion.data import load_pairs
+from training.fusion.sentence import SentenceSourceError, load_sentence_source
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "mvsa-fusion"
 TRICKY = [

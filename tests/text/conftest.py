@@ -12,7 +12,7 @@ from datakit import extract_news_subset
 @pytest.fixture(scope="session", autouse=True)
 def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Token caches of the text tests go to a temporary folder, never the repository's ``.cache``."""
-    from training import text_data
+    from training.text import data as text_data
 
     folder = tmp_path_factory.mktemp("text-tokens")
     with pytest.MonkeyPatch.context() as patch:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from models.text_encoding import TextPreprocessing
-from training import text_data
-from training.image_data import DataError
-from training.text_data import cached_tokens, label_budget, load_text_data, stratified_split
+from training.image.data import DataError
+from training.text import data as text_data
+from training.text.data import cached_tokens, label_budget, load_text_data, stratified_split
 
 
 def test_bydate_tree_loads_every_post_with_folder_names_as_classes(news_subset: Path) -> None:

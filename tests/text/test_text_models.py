@@ -11,7 +11,7 @@ import torch
 from models import build_model
 from models.text_encoding import pad_batch
 from models.text_models import NgramBagClassifier
-from training.text_ngram import NgramOptions, build_ngram_model, char_ngrams, feature_matrix
+from training.text.ngram import NgramOptions, build_ngram_model, char_ngrams, feature_matrix
 
 
 def test_bilstm_ignores_padding_thanks_to_packed_sequences() -> None:

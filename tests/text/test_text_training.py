@@ -10,8 +10,8 @@ import torch
 
 from models.checkpoint import load_checkpoint
 from models.text_encoding import load_text_encoder
-from training.adaptive import stratified_folds
 from training.cli import main
+from training.engine.adaptive import stratified_folds
 
 
 @pytest.fixture(scope="module")

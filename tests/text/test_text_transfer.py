@@ -11,7 +11,7 @@ import torch
 from models.checkpoint import load_checkpoint, load_state_dict
 from models.trunk import TrunkTransferError, trunk_state
 from training.cli import main
-from training.text_task import apply_freeze, text_trunk_from_image
+from training.text.task import apply_freeze, text_trunk_from_image
 
 
 def test_text_model_trunk_tensors_equal_the_image_checkpoint(image_trunk_checkpoint: Path) -> None:

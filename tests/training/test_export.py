@@ -31,7 +31,7 @@ from models.registry import build_model
 from models.text_encoding import TextPreprocessing, Vocabulary, load_text_encoder, tokenize
 from training import export
 from training.cli import main
-from training.image_data import decode_image
+from training.image.data import decode_image
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="pip install -e '.[train]'")
 pytest.importorskip("onnxscript", reason="pip install -e '.[train]'")
@@ -81,7 +81,7 @@ def tiny_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ngram_bag (bigrams, character n-grams, a score power) over the built-in sample texts."""
-    from training.fusion_text import BagOptions, build_bag
+    from training.fusion.text import BagOptions, build_bag
 
     preprocessing = TextPreprocessing(max_tokens=64)
     token_lists = tokenize(list(export.SAMPLE_TEXTS) * 2, preprocessing)

@@ -1,7 +1,7 @@
 """``finetune-fusion``: from a pair manifest to a calibrated multimodal checkpoint.
 
-Late fusion (``training.fusion_late``, the default) or joint fusion (``training.fusion_joint``),
-prepared by ``training.fusion_prep``; then temperature-calibrated on the validation split and
+Late fusion (``training.fusion.late``, the default) or joint fusion (``training.fusion.joint``),
+prepared by ``training.fusion.prep``; then temperature-calibrated on the validation split and
 written with a manifest naming both parents, the metrics of each modality alone and together, and
 a TF-IDF + linear SVM reference on the same split. With ``refit_full`` (late fusion) the recipe is
 then fitted again on every pair, and that model ships with the split run's temperature and metrics.
@@ -18,13 +18,13 @@ from torch import nn
 
 from models.checkpoint import new_manifest
 from models.sentence_encoder import SENTENCE_VOCAB_FILE
-from training.adaptive import adapt_batch_size, check_enough_examples, resolve_folds
-from training.common import finish_checkpoint, pick_device
-from training.fusion_joint import build_joint, joint_eval_batches, train_joint
-from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import ARCHITECTURES, DEFAULT_BATCH_SIZE, RECIPES, FusionOptions, Prepared, metrics_by_modality, prepare
-from training.loop import predict_logits
-from training.metrics import classification_metrics
+from training.engine.adaptive import adapt_batch_size, check_enough_examples, resolve_folds
+from training.engine.common import finish_checkpoint, pick_device
+from training.engine.loop import predict_logits
+from training.engine.metrics import classification_metrics
+from training.fusion.joint import build_joint, joint_eval_batches, train_joint
+from training.fusion.late import build_late, train_late_head
+from training.fusion.prep import ARCHITECTURES, DEFAULT_BATCH_SIZE, RECIPES, FusionOptions, Prepared, metrics_by_modality, prepare
 
 logger = logging.getLogger(__name__)
 

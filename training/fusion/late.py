@@ -4,10 +4,10 @@
    the photos; features computed once), with a balanced logistic scorer on its standardised
    features. The text n-gram bag's tables come from the training texts and its linear layer is a
    balanced logistic fit on its features. Every training pair also gets *out-of-fold* scores from
-   scorers fitted without it (``training.fusion_stacking``), so the head never learns from scores a
+   scorers fitted without it (``training.fusion.stacking``), so the head never learns from scores a
    scorer produced for pairs it memorised. The transferred text model is frozen (its topic
    log-probabilities join the text scores). With a pretrained sentence encoder
-   (``training.fusion_sentence``), its frozen embeddings get a third balanced logistic scorer,
+   (``training.fusion.sentence``), its frozen embeddings get a third balanced logistic scorer,
    whose (out-of-fold) scores join the text scores after the bag's.
 2. Head, on the cached scores: cross-entropy (weighted as the options say), modality dropout (a
    training pair loses its image or its text with probability ``modality_dropout``, never both),
@@ -27,13 +27,13 @@ from torch import nn
 from models.fusion import LateFusionClassifier, LateFusionConfig
 from models.image_cnn import FastConvConfig
 from models.text_encoding import pad_batch
-from training.fusion_prep import DEFAULT_BATCH_SIZE, FusionOptions, Prepared, drop_modalities, loop_config, presence
-from training.fusion_sentence import sentence_embeddings
-from training.fusion_stacking import fit_scorer, load_linear, out_of_fold_scores
-from training.fusion_text import build_bag, feature_matrix
-from training.fusion_transfer import init_late_image_encoder, init_late_topic
-from training.loop import Batch, fit, predict_logits, seeded_generator
-from training.sentiment_lexicon import lexicon_tables, read_vader_lexicon
+from training.engine.loop import Batch, fit, predict_logits, seeded_generator
+from training.fusion.lexicon import lexicon_tables, read_vader_lexicon
+from training.fusion.prep import DEFAULT_BATCH_SIZE, FusionOptions, Prepared, drop_modalities, loop_config, presence
+from training.fusion.sentence import sentence_embeddings
+from training.fusion.stacking import fit_scorer, load_linear, out_of_fold_scores
+from training.fusion.text import build_bag, feature_matrix
+from training.fusion.transfer import init_late_image_encoder, init_late_topic
 
 logger = logging.getLogger(__name__)
 

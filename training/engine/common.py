@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from models.checkpoint import Manifest, read_manifest, save_checkpoint, sha256_file
-from training.calibration import calibrate
-from training.metrics import classification_metrics, plot_confusion_matrix, plot_training_curves
+from training.engine.calibration import calibrate
+from training.engine.metrics import classification_metrics, plot_confusion_matrix, plot_training_curves
 
 logger = logging.getLogger(__name__)
 

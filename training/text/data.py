@@ -27,8 +27,8 @@ from typing import Literal
 import torch
 
 from models.text_encoding import TextPreprocessing, tokenize
-from training.atomic import atomic_output
-from training.image_data import DataError
+from training.engine.atomic import atomic_output
+from training.image.data import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def load_text_data(path: str | Path, classes: Sequence[str] | None = None) -> Te
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train_indices, validation_indices), ``fraction`` of each class held out (fixed seed)."""
-    from training.image_data import stratified_split as split
+    from training.image.data import stratified_split as split
 
     if not 0 < fraction < 1:
         raise ValueError(f"validation fraction must be between 0 and 1, got {fraction}")

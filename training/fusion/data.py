@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.atomic import atomic_output
-from training.image_data import DEFAULT_CACHE, DataError, decode_image
+from training.engine.atomic import atomic_output
+from training.image.data import DEFAULT_CACHE, DataError, decode_image
 
 logger = logging.getLogger(__name__)
 

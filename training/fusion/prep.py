@@ -18,15 +18,15 @@ import torch
 
 from models.preprocessing import ImagePreprocessing
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
-from training.adaptive import class_weights, stratified_folds
-from training.fusion_data import PairDataset, load_pairs
-from training.fusion_sentence import SentenceSource, load_sentence_source
-from training.fusion_stacking import ScorerOptions
-from training.fusion_text import BagOptions, build_vocabulary, tweet_preprocessing
-from training.fusion_transfer import Parent, TextParent, load_image_parent, load_text_parent
-from training.image_data import stratified_split
-from training.loop import LoopConfig, seeded_generator
-from training.metrics import classification_metrics
+from training.engine.adaptive import class_weights, stratified_folds
+from training.engine.loop import LoopConfig, seeded_generator
+from training.engine.metrics import classification_metrics
+from training.fusion.data import PairDataset, load_pairs
+from training.fusion.sentence import SentenceSource, load_sentence_source
+from training.fusion.stacking import ScorerOptions
+from training.fusion.text import BagOptions, build_vocabulary, tweet_preprocessing
+from training.fusion.transfer import Parent, TextParent, load_image_parent, load_text_parent
+from training.image.data import stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ LATE_IMAGE_SIZE = 32  # the CIFAR filters' scale; features of 64×64 photos meas
 SENTENCE_C = 0.3  # the sentence scorer's L2: +0.5 points and +0.006 macro-F1 over C = 1 on five validation splits
 
 
-DEFAULT_BATCH_SIZE = 64  # the recipes' batch, shrunk for small data (training.adaptive)
+DEFAULT_BATCH_SIZE = 64  # the recipes' batch, shrunk for small data (training.engine.adaptive)
 
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ class FusionOptions:
     # validation pairs join the training rows; they stay in ``val_idx`` only for the code paths that need rows)
     refit_full: bool = False
     # late: calibrate and validate on K-fold out-of-fold predictions of every pair, then refit on all of
-    # them (auto: when the validation split would be too small; training.adaptive); 0: the split
+    # them (auto: when the validation split would be too small; training.engine.adaptive); 0: the split
     calibration_folds: int | str = "auto"
     fold: int | None = None  # with calibration_folds K: this fold is the validation set (internal)
     command: str = ""

@@ -15,7 +15,8 @@ from torch import nn
 
 from models.fusion import JointFusionClassifier, JointFusionConfig
 from models.text_encoding import pad_batch
-from training.fusion_prep import (
+from training.engine.loop import Batch, fit, predict_logits, seeded_generator
+from training.fusion.prep import (
     DEFAULT_BATCH_SIZE,
     JOINT_TEXT_TOKENS,
     FusionOptions,
@@ -24,9 +25,8 @@ from training.fusion_prep import (
     loop_config,
     presence,
 )
-from training.fusion_transfer import init_joint
-from training.image_data import augment
-from training.loop import Batch, fit, predict_logits, seeded_generator
+from training.fusion.transfer import init_joint
+from training.image.data import augment
 
 
 class _JointBatches:

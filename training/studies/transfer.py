@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from models.checkpoint import read_manifest
-from training.atomic import atomic_output
-from training.text_data import load_text_data
-from training.text_task import PreparedText, TextRunOptions, prepare_text_run, train_text_model, validation_logits
+from training.engine.atomic import atomic_output
+from training.text.data import load_text_data
+from training.text.task import PreparedText, TextRunOptions, prepare_text_run, train_text_model, validation_logits
 
 logger = logging.getLogger(__name__)
 

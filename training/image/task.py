@@ -16,11 +16,11 @@ from torch import nn
 from models import build_model
 from models.checkpoint import Manifest, new_manifest, read_manifest, save_checkpoint, sha256_file
 from models.preprocessing import ImagePreprocessing
-from training.adaptive import adapt_batch_size, adapt_epochs, check_enough_examples
-from training.common import code_version, command_line, finish_checkpoint, lineage, pick_device
-from training.image_data import ImageDataset, augment, load_image_folder, stratified_split
-from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
-from training.metrics import plot_training_curves
+from training.engine.adaptive import adapt_batch_size, adapt_epochs, check_enough_examples
+from training.engine.common import code_version, command_line, finish_checkpoint, lineage, pick_device
+from training.engine.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
+from training.engine.metrics import plot_training_curves
+from training.image.data import ImageDataset, augment, load_image_folder, stratified_split
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ImageRunOptions:
     # from ``calibration_from``: the same recipe and seed, trained with the split and validated on it.
     refit_full: bool = False
     calibration_from: Path | None = None
-    # Fine-tuning (see training.adaptive): auto picks by the size of the data.
+    # Fine-tuning (see training.engine.adaptive): auto picks by the size of the data.
     freeze: str = "auto"  # auto | backbone | none
     class_weights: str = "auto"  # auto | balanced | none
     calibration_folds: int | str = "auto"  # auto | 0 (validation split) | K
@@ -184,7 +184,7 @@ def run_image_training(options: ImageRunOptions) -> dict[str, Any]:
             raise ValueError("--refit-full is for pretrain-image (from scratch), not for fine-tuning")
         return _refit_full(options, data, device)
     if options.parent is not None:
-        from training.image_finetune import run_image_finetune
+        from training.image.finetune import run_image_finetune
 
         return run_image_finetune(options, data, device)
     check_enough_examples(data.labels, data.classes)

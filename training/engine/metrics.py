@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.calibration import expected_calibration_error
+from training.engine.calibration import expected_calibration_error
 
 
 def classification_metrics(

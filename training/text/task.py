@@ -26,7 +26,7 @@ from models.checkpoint import Manifest, load_state_dict, new_manifest, read_mani
 from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
 from models.text_models import NgramBagClassifier, signed_power
 from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
-from training.adaptive import (
+from training.engine.adaptive import (
     adapt_batch_size,
     adapt_epochs,
     check_enough_examples,
@@ -34,11 +34,11 @@ from training.adaptive import (
     resolve_class_weights,
     resolve_folds,
 )
-from training.calibration import fit_score_power
-from training.common import finish_checkpoint, lineage, pick_device
-from training.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
-from training.text_data import TextDataset, cached_tokens, label_budget, load_text_data, stratified_split
-from training.text_ngram import NgramOptions, build_ngram_model, fit_ngram_model
+from training.engine.calibration import fit_score_power
+from training.engine.common import finish_checkpoint, lineage, pick_device
+from training.engine.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
+from training.text.data import TextDataset, cached_tokens, label_budget, load_text_data, stratified_split
+from training.text.ngram import NgramOptions, build_ngram_model, fit_ngram_model
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TextRunOptions:
     stop_after_steps: int | None = None
     refit_full: bool = False  # after validating, refit on every post with the same settings
     # Calibrate and validate on K-fold out-of-fold logits, then refit on every post; auto: by data size
-    # (training.adaptive), 0: one validation split.
+    # (training.engine.adaptive), 0: one validation split.
     calibration_folds: int | str = "auto"
     class_weights: str = "auto"  # auto | balanced | none
 

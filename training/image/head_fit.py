@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from training.adaptive import out_of_fold_logits
+from training.engine.adaptive import out_of_fold_logits
 
 logger = logging.getLogger(__name__)
 

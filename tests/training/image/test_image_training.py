@@ -17,7 +17,7 @@ import torch
 from models.checkpoint import load_checkpoint, read_manifest
 from training.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL_CONV = ["--config", "widths=[16,32,32]", "--batch-size", "50", "--lr", "0.8"]
 
 
@@ -152,7 +152,7 @@ def test_refit_full_trains_on_every_image_and_takes_over_the_tuning_runs_calibra
 
 
 def test_fine_tuning_starts_from_a_quarter_of_the_recipe_rate_unless_lr_is_given(tmp_path: Path) -> None:
-    from training.image_task import IMAGE_RECIPES, ImageRunOptions, _recipe
+    from training.image.task import IMAGE_RECIPES, ImageRunOptions, _recipe
 
     options = ImageRunOptions(data=tmp_path, output=tmp_path / "out")
     assert _recipe(options, "fastconv", transfer=False)[0].lr == IMAGE_RECIPES["fastconv"]["lr"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.atomic import atomic_output
+from training.engine.atomic import atomic_output
 
 
 def test_concurrent_writers_leave_one_whole_file_and_no_temporaries(tmp_path: Path) -> None:

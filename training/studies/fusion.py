@@ -33,18 +33,18 @@ from typing import Any
 import torch
 
 from models.text_encoding import tokenize
-from training.common import pick_device
-from training.fusion_data import load_pairs
-from training.fusion_joint import build_joint, train_joint
-from training.fusion_late import build_late, train_late_head
-from training.fusion_prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare
-from training.fusion_sentence import SentenceSource, load_sentence_source
-from training.fusion_stacking import ScorerOptions
-from training.fusion_task import tfidf_svm_reference
-from training.fusion_text import tweet_preprocessing
-from training.fusion_transfer import Parent, TextParent, load_image_parent, load_text_parent
-from training.image_data import write_json
-from training.metrics import classification_metrics
+from training.engine.common import pick_device
+from training.engine.metrics import classification_metrics
+from training.fusion.data import load_pairs
+from training.fusion.joint import build_joint, train_joint
+from training.fusion.late import build_late, train_late_head
+from training.fusion.prep import LATE_IMAGE_SIZE, SENTENCE_C, FusionOptions, prepare
+from training.fusion.sentence import SentenceSource, load_sentence_source
+from training.fusion.stacking import ScorerOptions
+from training.fusion.task import tfidf_svm_reference
+from training.fusion.text import tweet_preprocessing
+from training.fusion.transfer import Parent, TextParent, load_image_parent, load_text_parent
+from training.image.data import write_json
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import torch
 
 from models import build_model
 from models.checkpoint import load_checkpoint, read_manifest
-from training.adaptive import (
+from training.cli import main
+from training.engine.adaptive import (
     NotEnoughDataError,
     adapt_batch_size,
     adapt_epochs,
@@ -21,11 +22,10 @@ from training.adaptive import (
     resolve_folds,
     resolve_freeze,
 )
-from training.cli import main
-from training.head_fit import cross_fit_head
-from training.loop import LoopConfig, fit
+from training.engine.loop import LoopConfig, fit
+from training.image.head_fit import cross_fit_head
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BUNDLED_IMAGE = ROOT / "checkpoints" / "cifar10-fastconv"
 
 
@@ -93,7 +93,7 @@ def test_cross_fitted_head_separates_separable_features_and_scores_out_of_fold()
 
 
 def test_frozen_batch_norms_keep_their_statistics_while_the_head_trains() -> None:
-    from training.image_finetune import freeze_backbone
+    from training.image.finetune import freeze_backbone
 
     model = build_model("fastconv", {"num_classes": 2, "widths": [8, 16, 16], "tta_flip": False})
     freeze_backbone(model)

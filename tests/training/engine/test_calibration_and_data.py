@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from models.preprocessing import ImagePreprocessing
-from training.calibration import calibrate, expected_calibration_error, fit_score_power
-from training.image_data import ImageDataset, augment, stratified_split
-from training.image_task import ImageBatches
-from training.loop import seeded_generator
-from training.metrics import classification_metrics
+from training.engine.calibration import calibrate, expected_calibration_error, fit_score_power
+from training.engine.loop import seeded_generator
+from training.engine.metrics import classification_metrics
+from training.image.data import ImageDataset, augment, stratified_split
+from training.image.task import ImageBatches
 
 
 def test_ece_of_perfectly_calibrated_bins_is_zero() -> None:

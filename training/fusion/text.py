@@ -8,7 +8,7 @@
 * The bag's tables (word bigrams, ``char_wb``-style character n-grams of every vocabulary word,
   smooth IDF) come from the training texts, in the layout of ``models.text_models.NgramBagClassifier``.
 * ``feature_matrix``: exactly the features the module computes, as a scipy CSR matrix, for the
-  linear fit (``training.fusion_stacking``).
+  linear fit (``training.fusion.stacking``).
 """
 
 from __future__ import annotations

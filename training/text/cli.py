@@ -43,7 +43,7 @@ def _preprocessing_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _options(args: argparse.Namespace, architecture: str, parent: Path | None = None, freeze: str = "none") -> Any:
-    from training.text_task import TextRunOptions
+    from training.text.task import TextRunOptions
 
     ngram: dict[str, Any] = {}
     if getattr(args, "classifier", None):
@@ -64,19 +64,19 @@ def _options(args: argparse.Namespace, architecture: str, parent: Path | None = 
 
 
 def _train_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.text_task import run_text_training
+    from training.text.task import run_text_training
 
     return run_text_training(_options(args, args.arch))
 
 
 def _finetune_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.text_task import run_text_training
+    from training.text.task import run_text_training
 
     return run_text_training(_options(args, "trunk", parent=args.from_checkpoint, freeze=args.freeze))
 
 
 def _study_command(args: argparse.Namespace) -> dict[str, Any]:
-    from training.text_study import StudyOptions, run_transfer_study
+    from training.studies.transfer import StudyOptions, run_transfer_study
 
     return run_transfer_study(StudyOptions(
         image_checkpoint=args.from_checkpoint, data=args.data, output=args.output, quick=args.quick,

@@ -8,9 +8,9 @@ import torch
 
 from models.checkpoint import LoadedCheckpoint
 from models.text_encoding import load_text_encoder
-from training.loop import predict_logits
-from training.text_data import cached_tokens, load_text_data
-from training.text_task import evaluation_batches
+from training.engine.loop import predict_logits
+from training.text.data import cached_tokens, load_text_data
+from training.text.task import evaluation_batches
 
 
 def text_logits(loaded: LoadedCheckpoint, data_path: Path, batch_size: int, device: torch.device

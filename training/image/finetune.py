@@ -2,7 +2,7 @@
 
 Small data (the median class under a few hundred images): the pretrained backbone stays frozen
 and the new classifier is a logistic regression on its features, calibrated on out-of-fold
-predictions of every image (``training.head_fit``). Larger data: the whole network trains through
+predictions of every image (``training.image.head_fit``). Larger data: the whole network trains through
 the shared loop with the batch size, epochs and learning rate scaled to the data, and calibration
 on K-fold out-of-fold logits (small sets) or a validation split (large ones). What was chosen is
 recorded in the manifest's metrics under ``plan``.
@@ -19,7 +19,7 @@ from torch import nn
 
 from models.checkpoint import load_checkpoint, new_manifest
 from models.preprocessing import ImagePreprocessing
-from training.adaptive import (
+from training.engine.adaptive import (
     DEFAULT_FOLDS,
     DataPlan,
     adapt_batch_size,
@@ -30,11 +30,11 @@ from training.adaptive import (
     resolve_folds,
     resolve_freeze,
 )
-from training.common import finish_checkpoint, lineage
-from training.head_fit import cross_fit_head
-from training.image_data import ImageDataset, stratified_split
-from training.image_task import ImageBatches, ImageRunOptions, evaluation_batches, recipe_for_finetune
-from training.loop import discard_training_state, fit, predict_logits, seeded_generator
+from training.engine.common import finish_checkpoint, lineage
+from training.engine.loop import discard_training_state, fit, predict_logits, seeded_generator
+from training.image.data import ImageDataset, stratified_split
+from training.image.head_fit import cross_fit_head
+from training.image.task import ImageBatches, ImageRunOptions, evaluation_batches, recipe_for_finetune
 
 logger = logging.getLogger(__name__)
 

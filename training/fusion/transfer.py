@@ -6,7 +6,7 @@
 * Joint fusion: an image ``trunk`` checkpoint gives the image adapter and the shared trunk; a text
   ``trunk`` checkpoint gives the text adapter (embedding rows of the tokens both vocabularies share,
   positions) and its vocabulary. Other text checkpoints have nothing the adapter can use and are
-  set aside by ``training.fusion_task.prepare``.
+  set aside by ``training.fusion.task.prepare``.
 
 Every copy is by tensor name and checked for shape; a checkpoint of the wrong task or architecture
 is a clear ``TransferError``.
@@ -25,7 +25,7 @@ from models.checkpoint import Manifest, load_state_dict
 from models.fusion import JointFusionClassifier, LateFusionClassifier
 from models.text_encoding import TextEncoder, load_text_encoder
 from models.trunk import TextAdapter, copy_trunk
-from training.common import lineage
+from training.engine.common import lineage
 
 
 class TransferError(ValueError):

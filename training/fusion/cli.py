@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.fusion_prep import SENTENCE_C
-from training.fusion_stacking import ScorerOptions
+from training.fusion.prep import SENTENCE_C
+from training.fusion.stacking import ScorerOptions
 
 
 def _modalities(text: str) -> tuple[str, ...]:
@@ -18,8 +18,8 @@ def _modalities(text: str) -> tuple[str, ...]:
 
 
 def _finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from training.fusion_prep import FusionOptions
-    from training.fusion_task import run_fusion_training
+    from training.fusion.prep import FusionOptions
+    from training.fusion.task import run_fusion_training
 
     return run_fusion_training(FusionOptions(
         data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from, arch=args.arch,
@@ -34,7 +34,7 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _study(args: argparse.Namespace) -> dict[str, Any]:
-    from training.fusion_study import StudyOptions, run_fusion_study
+    from training.studies.fusion import StudyOptions, run_fusion_study
 
     return run_fusion_study(StudyOptions(
         data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from,

@@ -1,0 +1,65 @@
+"""The image commands of ``python -m training``: ``pretrain-image`` and ``finetune-image``.
+
+``pretrain-image`` trains an image classifier from scratch (an ImageFolder tree or the CIFAR-10
+python batches); ``finetune-image --from CHECKPOINT`` fits it to a user's own classes, with the
+recipe adapted to the size of the data (``training.image.finetune``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from training.cli import _key_value, _loop_overrides, add_loop_arguments
+
+
+def _image_command(args: argparse.Namespace) -> dict[str, Any]:
+    from training.engine.common import init_distributed
+    from training.image.task import ImageRunOptions, run_image_training
+
+    init_distributed()
+    return run_image_training(ImageRunOptions(
+        data=args.data, output=args.output, architecture=getattr(args, "arch", "fastconv"),
+        model_config=dict(getattr(args, "config", None) or []), loop=_loop_overrides(args),
+        batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
+        device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
+        limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
+        refit_full=getattr(args, "refit_full", False), calibration_from=getattr(args, "calibration_from", None),
+        freeze=getattr(args, "freeze", "auto"), class_weights=getattr(args, "class_weights", "auto"),
+        calibration_folds=getattr(args, "calibration_folds", "auto"),
+    ))
+
+
+def add_commands(commands: Any) -> None:
+    pretrain = commands.add_parser("pretrain-image", help="train an image classifier from scratch")
+    pretrain.add_argument("--data", type=Path, required=True, help="ImageFolder tree or CIFAR-10 python-batch folder")
+    pretrain.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
+    pretrain.add_argument("--arch", default="fastconv", help="architecture name (fastconv, lenet, trunk)")
+    pretrain.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
+                          help="architecture config override, e.g. widths=[96,384,384]")
+    pretrain.add_argument("--name", help="model name served by the API (default: the output folder name)")
+    pretrain.add_argument("--refit-full", action="store_true",
+                          help="train on every image (no validation split); needs --calibration-from")
+    pretrain.add_argument("--calibration-from", type=Path, metavar="CHECKPOINT",
+                          help="with --refit-full: the same recipe trained with its validation split, whose "
+                               "temperature and validation metrics the refit takes over")
+    add_loop_arguments(pretrain)
+    pretrain.set_defaults(handler=_image_command)
+
+    finetune = commands.add_parser("finetune-image", help="fine-tune an image checkpoint on your own classes")
+    finetune.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="image checkpoint to start from")
+    finetune.add_argument("--data", type=Path, required=True, help="ImageFolder tree: one folder per class")
+    finetune.add_argument("--output", type=Path, required=True)
+    finetune.add_argument("--name")
+    finetune.add_argument("--freeze", choices=["auto", "backbone", "none"], default="auto",
+                          help="keep the pretrained backbone fixed and fit only the classifier (auto: when the median "
+                               "class has fewer than 500 images)")
+    finetune.add_argument("--class-weights", choices=["auto", "balanced", "none"], default="auto",
+                          help="weight classes inversely to their size (auto: when the largest outnumbers the "
+                               "smallest by more than 1.5×)")
+    finetune.add_argument("--calibration-folds", default="auto", metavar="K|auto",
+                          help="calibrate and validate on K-fold out-of-fold predictions of every image, then train "
+                               "on all (auto: 5 folds when the validation split would hold under 500 images; 0: the split)")
+    add_loop_arguments(finetune)
+    finetune.set_defaults(handler=_image_command)
