@@ -3,7 +3,8 @@
 This module is the one parser; every command comes from the module that owns it (``TASK_COMMANDS``):
 ``pretrain-image`` and ``finetune-image`` from ``training.image.cli``, ``evaluate`` from
 ``training.evaluate``, the text and fusion commands from ``training.text.cli`` and
-``training.fusion.cli``, ``export`` from ``training.export``. Known failures (missing path, empty
+``training.fusion.cli``, ``export`` from ``training.export``; the flags every training command shares,
+and their mapping onto the options, from ``training.engine.options``. Known failures (missing path, empty
 class folder, unreadable image, bad checkpoint) print one clear line and exit with status 2.
 """
 
@@ -15,43 +16,10 @@ import json
 import logging
 import shlex
 import sys
-from typing import Any
 
 from models.checkpoint import CheckpointError
 from models.registry import UnknownModelError
 from training.image.data import DataError
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    key, _, value = text.partition("=")
-    if not key or not _:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _loop_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("epochs", "lr", "weight_decay", "label_smoothing", "precision", "optimizer", "save_every_steps")
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-
-
-def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--weight-decay", type=float)
-    parser.add_argument("--label-smoothing", type=float)
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"])
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1 …")
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--limit", type=int, help="train on only this many examples (quick checks)")
-    parser.add_argument("--save-every-steps", type=int, help="write the resumable state this often (default 50)")
-    parser.add_argument("--stop-after-steps", type=int, help=argparse.SUPPRESS)
-
 
 # The modules that add the commands (``add_commands(subparsers)``), in the order ``--help`` lists them:
 # each task's own, and the two that take any task's checkpoint (``evaluate``, ``export``).

@@ -3,6 +3,9 @@
 Usage: ``python benchmarks/text/temporal_split.py --data /work/data/20news-bydate-train
 [--variant NAME="train-text options"]… [--output benchmarks/text/temporal.md]``. A variant whose
 options start with ``finetune-text`` runs that command instead (an image-initialised trunk model).
+``--split-only`` writes the split (``WORK/split/train`` and ``WORK/split/val``) and stops, for a
+model trained on the earlier posts by hand and scored through the service
+(``benchmarks/text/score_service.py``).
 
 The held-out 20 Newsgroups test posts are *later* than the training posts (the "bydate" split), so
 a random validation split overstates what a model will score on them: the scikit-learn reference
@@ -96,12 +99,15 @@ def main() -> int:
                         help="a train-text recipe to score (repeatable; default: the default recipe)")
     parser.add_argument("--work", type=Path, help="where the split and the runs go (default: a temporary folder)")
     parser.add_argument("--output", type=Path, help="also write the table here (markdown)")
+    parser.add_argument("--split-only", action="store_true", help="write WORK/split/{train,val} and stop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     variants = dict(item.split("=", 1) if "=" in item else (item, "") for item in args.variant) or {"default": ""}
     work = (args.work or Path(tempfile.mkdtemp(prefix="temporal-split-"))).resolve()
     train_count, val_count = temporal_split(args.data, work / "split", args.fraction)
     logger.info("split: %d earlier posts to train on, %d later ones held out (%s)", train_count, val_count, work)
+    if args.split_only:
+        return 0
     results = {"reference: TF-IDF 1-2-grams + LinearSVC": {"accuracy": reference_accuracy(work / "split")}}
     logger.info("reference: %.4f", results["reference: TF-IDF 1-2-grams + LinearSVC"]["accuracy"])
     for name, options in variants.items():

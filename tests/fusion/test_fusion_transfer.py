@@ -77,7 +77,7 @@ def test_pairs_missing_a_side_train_and_predict(pairs_subset: Path, fastconv_che
         row["text"] = ""
     (tmp_path / "images").symlink_to(pairs_subset / "images")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    options = FusionOptions(data=tmp_path, image_from=fastconv_checkpoint, limit=300, epochs=2)
+    options = FusionOptions(data=tmp_path, image_from=fastconv_checkpoint, limit=300, loop={"epochs": 2})
     prep = prepare(options)
     assert int((~prep.data.has_image).sum()) == 30 and int((~prep.data.has_text).sum()) == 30
     encoded = build_late(prep, options, seed=0)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.text.score_service import score
 from benchmarks.text.temporal_split import temporal_split
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,3 +41,15 @@ def test_a_run_trains_on_the_earlier_posts_and_scores_the_later_ones(news_subset
     assert "reference: TF-IDF" in table
     manifest = json.loads((tmp_path / "work" / "small" / "manifest.json").read_text())
     assert manifest["classes"] == sorted(folder.name for folder in data.iterdir())
+    # the same checkpoint scored through the real service gives the offline evaluation's accuracy
+    served = score(tmp_path / "work" / "small", tmp_path / "work" / "split" / "val", batch=8)
+    assert served["texts"] == len(list((tmp_path / "work" / "split" / "val").glob("*/*")))
+    assert f"| {served['accuracy']:.2%} |" in table and 0.0 <= served["ece"] <= 1.0
+
+
+def test_split_only_writes_the_split_and_trains_nothing(news_subset: Path, tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "text" / "temporal_split.py"), "--data", str(news_subset),
+                    "--work", str(tmp_path / "work"), "--split-only"], cwd=ROOT, check=True, capture_output=True,
+                   timeout=120)
+    assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["split"]
+    assert list((tmp_path / "work" / "split" / "train").glob("*/*")) and list((tmp_path / "work" / "split" / "val").glob("*/*"))

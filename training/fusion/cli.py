@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from training.engine.options import run_options_from_args
 from training.fusion.prep import SENTENCE_C
 from training.fusion.stacking import ScorerOptions
 
@@ -22,14 +23,11 @@ def _finetune(args: argparse.Namespace) -> dict[str, Any]:
     from training.fusion.task import run_fusion_training
 
     return run_fusion_training(FusionOptions(
-        data=args.data, output=args.output, image_from=args.image_from, text_from=args.text_from, arch=args.arch,
-        modalities=args.modalities, image_size=args.image_size, validation_fraction=args.validation_fraction,
-        seed=args.seed, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
-        modality_dropout=args.modality_dropout, class_weighting=args.class_weighting, lexicon=args.lexicon,
-        sentence_from=args.sentence_from, sentence_scorer=ScorerOptions(C=args.sentence_C, folds=args.folds),
+        **run_options_from_args(args), image_from=args.image_from, text_from=args.text_from, arch=args.arch,
+        modalities=args.modalities, image_size=args.image_size, modality_dropout=args.modality_dropout,
+        class_weighting=args.class_weighting, lexicon=args.lexicon, sentence_from=args.sentence_from,
+        sentence_scorer=ScorerOptions(C=args.sentence_C, folds=args.folds),
         text_scorer=ScorerOptions(C=args.text_C, folds=args.folds), image_scorer=ScorerOptions(C=args.image_C, folds=args.folds),
-        device=args.device, name=args.name, limit=args.limit, refit_full=args.refit_full,
-        calibration_folds=args.calibration_folds, command=args.command_line,
     ))
 
 

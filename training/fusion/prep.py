@@ -21,6 +21,8 @@ from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
 from training.engine.adaptive import class_weights, stratified_folds
 from training.engine.loop import LoopConfig, seeded_generator
 from training.engine.metrics import classification_metrics
+from training.engine.options import RunOptions
+from training.engine.recipe import Recipe, merge_recipes
 from training.fusion.data import PairDataset, load_pairs
 from training.fusion.sentence import SentenceSource, load_sentence_source
 from training.fusion.stacking import ScorerOptions
@@ -41,10 +43,8 @@ SENTENCE_C = 0.3  # the sentence scorer's L2: +0.5 points and +0.006 macro-F1 ov
 DEFAULT_BATCH_SIZE = 64  # the recipes' batch, shrunk for small data (training.engine.adaptive)
 
 
-@dataclasses.dataclass
-class FusionOptions:
-    data: Path
-    output: Path | None = None
+@dataclasses.dataclass(kw_only=True)
+class FusionOptions(RunOptions):
     image_from: Path | None = None
     text_from: Path | None = None
     arch: str = "late"
@@ -52,11 +52,7 @@ class FusionOptions:
     image_size: int | None = None  # default: late LATE_IMAGE_SIZE, joint the trunk's size
     validation_fraction: float = 0.2
     split_seed: int = SPLIT_SEED  # which stratified validation split (benchmarks try others)
-    seed: int = 0
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = 64  # None: adapted to the data (finetune-fusion's default)
-    weight_decay: float | None = None
+    batch_size: int | None = DEFAULT_BATCH_SIZE  # None: adapted to the data (finetune-fusion's default)
     modality_dropout: float = 0.3
     lexicon: bool = True  # late: the text side adds sentiment-lexicon features for the head
     # late: a pretrained sentence encoder (a sentence-transformers folder, or "minilm") whose frozen
@@ -69,24 +65,20 @@ class FusionOptions:
     text_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=1.0))
     image_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=0.01))
     sentence_scorer: ScorerOptions = dataclasses.field(default_factory=lambda: ScorerOptions(C=SENTENCE_C))
-    device: str = "auto"
-    name: str | None = None
-    limit: int | None = None
-    # late: after validating and calibrating on the split, fit everything again on every pair (the split's
-    # validation pairs join the training rows; they stay in ``val_idx`` only for the code paths that need rows)
-    refit_full: bool = False
-    # late: calibrate and validate on K-fold out-of-fold predictions of every pair, then refit on all of
-    # them (auto: when the validation split would be too small; training.engine.adaptive); 0: the split
-    calibration_folds: int | str = "auto"
+    # ``refit_full`` (late): after validating and calibrating on the split, fit everything again on every pair
+    # (the split's validation pairs join the training rows; they stay in ``val_idx`` only for the code paths
+    # that need rows). ``calibration_folds`` (late): K-fold out-of-fold predictions of every pair, then a refit.
     fold: int | None = None  # with calibration_folds K: this fold is the validation set (internal)
-    command: str = ""
 
 
-RECIPES: dict[str, dict[str, Any]] = {
-    "late": {"epochs": 30, "lr": 3e-3, "weight_decay": 0.02, "optimizer": "adamw", "schedule": "cosine",
-             "warmup_fraction": 0.05, "class_weighting": "none"},
-    "joint": {"epochs": 6, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw", "schedule": "cosine",
-              "warmup_fraction": 0.1, "class_weighting": "sqrt"},
+# ``extra["class_weighting"]``: the loss weighting of the trained part (``FusionOptions.class_weighting``).
+RECIPES: dict[str, Recipe] = {
+    "late": Recipe(loop={"epochs": 30, "lr": 3e-3, "weight_decay": 0.02, "optimizer": "adamw", "schedule": "cosine",
+                         "warmup_fraction": 0.05},
+                   batch_size=DEFAULT_BATCH_SIZE, extra={"class_weighting": "none"}),
+    "joint": Recipe(loop={"epochs": 6, "lr": 5e-4, "weight_decay": 0.05, "optimizer": "adamw", "schedule": "cosine",
+                          "warmup_fraction": 0.1},
+                    batch_size=DEFAULT_BATCH_SIZE, extra={"class_weighting": "sqrt"}),
 }
 
 
@@ -181,14 +173,16 @@ def drop_modalities(image_mask: torch.Tensor, text_mask: torch.Tensor, rate: flo
     return image_mask & ~drop_image, text_mask & ~drop_text
 
 
+def fusion_recipe(options: FusionOptions) -> Recipe:
+    """The architecture's recipe ← the command line's loop settings and class weighting."""
+    weighting = {"class_weighting": options.class_weighting} if options.class_weighting is not None else {}
+    return merge_recipes(RECIPES[options.arch], Recipe(loop=options.loop, extra=weighting))
+
+
 def loop_config(options: FusionOptions, labels: torch.Tensor, classes: int) -> LoopConfig:
-    recipe = dict(RECIPES[options.arch])
-    for key in ("epochs", "lr", "weight_decay", "class_weighting"):
-        if getattr(options, key) is not None:
-            recipe[key] = getattr(options, key)
-    weighting = recipe.pop("class_weighting")
-    return LoopConfig(seed=options.seed, precision="fp32", save_every_steps=10**9,
-                      class_weights=class_weights(labels, classes, weighting), **recipe)
+    recipe = fusion_recipe(options)
+    return recipe.loop_config(options.seed, precision="fp32", save_every_steps=10**9,
+                              class_weights=class_weights(labels, classes, recipe.extra["class_weighting"]))
 
 
 def metrics_by_modality(logits: dict[str, torch.Tensor], labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.cli import _key_value, _loop_overrides, add_loop_arguments
+from training.engine.options import add_loop_arguments, key_value, run_options_from_args
 
 
 def _image_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -20,14 +20,10 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
 
     init_distributed()
     return run_image_training(ImageRunOptions(
-        data=args.data, output=args.output, architecture=getattr(args, "arch", "fastconv"),
-        model_config=dict(getattr(args, "config", None) or []), loop=_loop_overrides(args),
-        batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
-        device=args.device, name=args.name, parent=getattr(args, "from_checkpoint", None),
-        limit=args.limit, stop_after_steps=args.stop_after_steps, command=args.command_line,
-        refit_full=getattr(args, "refit_full", False), calibration_from=getattr(args, "calibration_from", None),
-        freeze=getattr(args, "freeze", "auto"), class_weights=getattr(args, "class_weights", "auto"),
-        calibration_folds=getattr(args, "calibration_folds", "auto"),
+        **run_options_from_args(args), architecture=getattr(args, "arch", "fastconv"),
+        model_config=dict(getattr(args, "config", None) or []), parent=getattr(args, "from_checkpoint", None),
+        calibration_from=getattr(args, "calibration_from", None), freeze=getattr(args, "freeze", "auto"),
+        class_weights=getattr(args, "class_weights", "auto"),
     ))
 
 
@@ -36,7 +32,7 @@ def add_commands(commands: Any) -> None:
     pretrain.add_argument("--data", type=Path, required=True, help="ImageFolder tree or CIFAR-10 python-batch folder")
     pretrain.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
     pretrain.add_argument("--arch", default="fastconv", help="architecture name (fastconv, lenet, trunk)")
-    pretrain.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
+    pretrain.add_argument("--config", type=key_value, action="append", metavar="KEY=VALUE",
                           help="architecture config override, e.g. widths=[96,384,384]")
     pretrain.add_argument("--name", help="model name served by the API (default: the output folder name)")
     pretrain.add_argument("--refit-full", action="store_true",

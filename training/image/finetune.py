@@ -5,7 +5,8 @@ and the new classifier is a logistic regression on its features, calibrated on o
 predictions of every image (``training.image.head_fit``). Larger data: the whole network trains through
 the shared loop with the batch size, epochs and learning rate scaled to the data, and calibration
 on K-fold out-of-fold logits (small sets) or a validation split (large ones). What was chosen is
-recorded in the manifest's metrics under ``plan``.
+recorded in the manifest's metrics under ``plan``; calibrating on out-of-fold logits and shipping the
+fit on every image is a refit (``training.engine.refit``) and carries its note.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from models.checkpoint import load_checkpoint, new_manifest
+from models.checkpoint import LoadedCheckpoint, load_checkpoint, new_manifest
 from models.preprocessing import ImagePreprocessing
 from training.engine.adaptive import (
     DEFAULT_FOLDS,
@@ -30,11 +31,12 @@ from training.engine.adaptive import (
     resolve_folds,
     resolve_freeze,
 )
-from training.engine.common import finish_checkpoint, lineage
+from training.engine.common import finish_checkpoint, lineage, pick_device
 from training.engine.loop import discard_training_state, fit, predict_logits, seeded_generator
-from training.image.data import ImageDataset, stratified_split
+from training.engine.refit import HeldOut, refit_record
+from training.image.data import ImageDataset, load_image_folder, stratified_split
 from training.image.head_fit import cross_fit_head
-from training.image.task import ImageBatches, ImageRunOptions, evaluation_batches, recipe_for_finetune
+from training.image.task import IMAGE_SIZE, ImageBatches, ImageRunOptions, evaluation_batches, recipe_for_finetune
 
 logger = logging.getLogger(__name__)
 
@@ -73,58 +75,101 @@ def plan_finetune(options: ImageRunOptions, data: ImageDataset) -> DataPlan:
                     class_weights=resolve_class_weights(options.class_weights, data.labels, len(data.classes)))
 
 
-def run_image_finetune(options: ImageRunOptions, data: ImageDataset, device: torch.device) -> dict[str, Any]:
-    loaded = load_checkpoint(cast(Any, options.parent))
-    parent = loaded.manifest
-    if parent.task != "image":
-        raise ValueError(f"{options.parent} is a {parent.task} checkpoint, not an image one")
-    if options.limit:
-        data = data.subset(torch.randperm(len(data), generator=seeded_generator(options.seed))[:options.limit].sort().values)
-    plan = plan_finetune(options, data)
-    preprocessing = ImagePreprocessing.from_manifest(parent)  # the child standardises as its parent did
-    model = loaded.model
-    if parent.classes != data.classes:
-        cast(Any, model).reset_classifier(len(data.classes))  # every image architecture has one
-    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    logger.info("fine-tuning plan: %d images (%s), %s, freeze %s", plan.examples,
-                ", ".join(f"{k} {v}" for k, v in plan.examples_per_class.items()),
-                f"{plan.calibration_folds}-fold cross-fitted calibration" if plan.calibration_folds else "validation split",
-                plan.freeze)
-    if plan.freeze == "backbone" and hasattr(model, "head_features"):
-        model.to(device)
-        features = head_features(model, data, preprocessing)
-        folds = plan.calibration_folds or DEFAULT_FOLDS
-        head = cross_fit_head(features, data.labels, len(data.classes), folds, options.seed, plan.class_weights)
-        cast(Any, model).set_head(head.weight.to(device))
-        plan = dataclasses.replace(plan, calibration_folds=folds)
-        details: dict[str, Any] = {"method": "logistic regression on the frozen backbone's features", "l2": head.l2,
-                                   "train_images": len(data), "validation_images": len(data),
-                                   "validation": f"{folds}-fold out-of-fold predictions of every image"}
-        return _write(options, model, parent, data, head.out_of_fold_logits, data.labels, [], plan, details,
-                      preprocessing)
-    if plan.freeze == "backbone":
-        frozen = freeze_backbone(model)
-        logger.info("backbone frozen: %d parameters", frozen)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    if plan.calibration_folds:
-        def score(fold: int, train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-            model.load_state_dict(initial)
-            _train(options, parent.architecture, model, data.subset(train), plan, device, preprocessing, f"fold {fold + 1}")
-            return predict_logits(model, evaluation_batches(data.subset(held), preprocessing), device)[0]
+@dataclasses.dataclass
+class FinetuneRun:
+    """The prepared fine-tune: the parent, the (limited) data, the plan adapted to it."""
 
-        logits = out_of_fold_logits(data.labels, len(data.classes), plan.calibration_folds, options.seed, score)
-        model.load_state_dict(initial)
-        history, details = _train(options, parent.architecture, model, data, plan, device, preprocessing, "all")
-        details.update(train_images=len(data), validation_images=len(data),
-                       validation=f"{plan.calibration_folds}-fold out-of-fold predictions of every image")
-        return _write(options, model, parent, data, logits, data.labels, history, plan, details, preprocessing)
-    train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
-    train, validation = data.subset(train_idx), data.subset(val_idx)
-    history, details = _train(options, parent.architecture, model, train, plan, device, preprocessing, "train",
-                              validation)
-    val_logits, val_labels = predict_logits(model, evaluation_batches(validation, preprocessing), device)
-    details.update(train_images=len(train), validation_images=len(validation))
-    return _write(options, model, parent, data, val_logits, val_labels, history, plan, details, preprocessing)
+    device: torch.device
+    data: ImageDataset
+    loaded: LoadedCheckpoint
+    plan: DataPlan
+    preprocessing: ImagePreprocessing  # the parent's: the child standardises as its parent did
+
+
+@dataclasses.dataclass
+class FittedFinetune:
+    model: nn.Module
+    val_logits: torch.Tensor  # held-out logits: the split's, or out-of-fold ones of every image
+    val_labels: torch.Tensor
+    history: list[dict[str, float]]
+    plan: DataPlan
+    details: dict[str, Any]
+
+
+class ImageFinetuneTrainer:
+    """``finetune-image``: prepare (parent, plan) → build (new classifier) → fit (head fit, folds or split) → export."""
+
+    task = "image"
+
+    def prepare(self, options: ImageRunOptions) -> FinetuneRun:
+        device = pick_device(options.device)
+        torch.manual_seed(options.seed)
+        data = load_image_folder(options.data, size=IMAGE_SIZE)
+        loaded = load_checkpoint(cast(Any, options.parent))
+        parent = loaded.manifest
+        if parent.task != "image":
+            raise ValueError(f"{options.parent} is a {parent.task} checkpoint, not an image one")
+        if options.limit:
+            order = torch.randperm(len(data), generator=seeded_generator(options.seed))
+            data = data.subset(order[:options.limit].sort().values)
+        plan = plan_finetune(options, data)
+        return FinetuneRun(device, data, loaded, plan, ImagePreprocessing.from_manifest(parent))
+
+    def build(self, options: ImageRunOptions, run: FinetuneRun) -> nn.Module:
+        model = run.loaded.model
+        if run.loaded.manifest.classes != run.data.classes:
+            cast(Any, model).reset_classifier(len(run.data.classes))  # every image architecture has one
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        plan = run.plan
+        logger.info("fine-tuning plan: %d images (%s), %s, freeze %s", plan.examples,
+                    ", ".join(f"{k} {v}" for k, v in plan.examples_per_class.items()),
+                    f"{plan.calibration_folds}-fold cross-fitted calibration" if plan.calibration_folds
+                    else "validation split", plan.freeze)
+        return model
+
+    def fit(self, options: ImageRunOptions, run: FinetuneRun, model: nn.Module) -> FittedFinetune:
+        data, plan, device, preprocessing = run.data, run.plan, run.device, run.preprocessing
+        architecture = run.loaded.manifest.architecture
+        if plan.freeze == "backbone" and hasattr(model, "head_features"):
+            model.to(device)
+            features = head_features(model, data, preprocessing)
+            folds = plan.calibration_folds or DEFAULT_FOLDS
+            head = cross_fit_head(features, data.labels, len(data.classes), folds, options.seed, plan.class_weights)
+            cast(Any, model).set_head(head.weight.to(device))
+            plan = dataclasses.replace(plan, calibration_folds=folds)
+            details: dict[str, Any] = {"method": "logistic regression on the frozen backbone's features", "l2": head.l2,
+                                       "train_images": len(data), "validation_images": len(data),
+                                       "validation": f"{folds}-fold out-of-fold predictions of every image",
+                                       **refit_record(HeldOut.folds(folds, "images"), len(data), "images")}
+            return FittedFinetune(model, head.out_of_fold_logits, data.labels, [], plan, details)
+        if plan.freeze == "backbone":
+            frozen = freeze_backbone(model)
+            logger.info("backbone frozen: %d parameters", frozen)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        if plan.calibration_folds:
+            def score(fold: int, train: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+                model.load_state_dict(initial)
+                _train(options, architecture, model, data.subset(train), plan, device, preprocessing, f"fold {fold + 1}")
+                return predict_logits(model, evaluation_batches(data.subset(held), preprocessing), device)[0]
+
+            logits = out_of_fold_logits(data.labels, len(data.classes), plan.calibration_folds, options.seed, score)
+            model.load_state_dict(initial)
+            history, details = _train(options, architecture, model, data, plan, device, preprocessing, "all")
+            details.update(train_images=len(data), validation_images=len(data),
+                           validation=f"{plan.calibration_folds}-fold out-of-fold predictions of every image",
+                           **refit_record(HeldOut.folds(plan.calibration_folds, "images"), len(data), "images"))
+            return FittedFinetune(model, logits, data.labels, history, plan, details)
+        train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
+        train, validation = data.subset(train_idx), data.subset(val_idx)
+        history, details = _train(options, architecture, model, train, plan, device, preprocessing, "train",
+                                  validation)
+        val_logits, val_labels = predict_logits(model, evaluation_batches(validation, preprocessing), device)
+        details.update(train_images=len(train), validation_images=len(validation))
+        return FittedFinetune(model, val_logits, val_labels, history, plan, details)
+
+    def export(self, options: ImageRunOptions, run: FinetuneRun, fitted: FittedFinetune) -> dict[str, Any]:
+        return _write(options, fitted.model, run.loaded.manifest, run.data, fitted.val_logits, fitted.val_labels,
+                      fitted.history, fitted.plan, fitted.details, run.preprocessing)
 
 
 def _train(options: ImageRunOptions, architecture: str, model: nn.Module, train: ImageDataset, plan: DataPlan,

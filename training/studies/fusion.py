@@ -90,7 +90,7 @@ def run_fusion_study(options: StudyOptions) -> dict[str, Any]:
     device = pick_device(options.device)
     late_size = LATE_IMAGE_SIZE
     base = FusionOptions(data=options.data, limit=options.limit or (300 if options.quick else None),
-                         image_size=late_size, epochs=3 if options.quick else None,
+                         image_size=late_size, loop={"epochs": 3} if options.quick else {},
                          text_scorer=ScorerOptions(C=1.0, folds=2 if options.quick else 5),
                          image_scorer=ScorerOptions(C=0.01, folds=2 if options.quick else 5),
                          sentence_scorer=ScorerOptions(C=SENTENCE_C, folds=2 if options.quick else 5))
@@ -140,7 +140,8 @@ def run_fusion_study(options: StudyOptions) -> dict[str, Any]:
             if init == "transferred" and image is None:
                 logger.warning("no --joint-image-from: skipping the transferred joint arm")
                 continue
-            joint_options = dataclasses.replace(base, arch="joint", image_size=32, epochs=1 if options.quick else JOINT_EPOCHS)
+            joint_options = dataclasses.replace(base, arch="joint", image_size=32,
+                                                loop={"epochs": 1 if options.quick else JOINT_EPOCHS})
             prep = prepare(joint_options, image, text, data=joint_data,
                            token_lists=tokens_for(text.encoder.preprocessing if text else None))
             for seed in range(options.seeds):

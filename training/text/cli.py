@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.cli import _key_value, _loop_overrides, add_loop_arguments
+from training.engine.options import add_loop_arguments, key_value, run_options_from_args
 
 REMOVABLE_HELP = "comma-separated parts to strip from posts: headers,footers,quotes (default: keep all)"
 
@@ -53,13 +53,10 @@ def _options(args: argparse.Namespace, architecture: str, parent: Path | None = 
     if getattr(args, "max_char_ngrams", None) is not None:
         ngram["max_char_ngrams"] = args.max_char_ngrams
     return TextRunOptions(
-        data=args.data, output=args.output, architecture=architecture,
+        **run_options_from_args(args), architecture=architecture,
         model_config=dict(getattr(args, "config", None) or []), preprocessing=_preprocessing_overrides(args),
-        loop=_loop_overrides(args), ngram=ngram, min_freq=args.min_freq, max_vocab=args.max_vocab,
-        batch_size=args.batch_size, validation_fraction=args.validation_fraction, seed=args.seed,
-        device=args.device, name=args.name, parent=parent, freeze=freeze, label_fraction=args.label_fraction,
-        limit=args.limit, stop_after_steps=args.stop_after_steps, refit_full=getattr(args, "refit_full", False),
-        calibration_folds=args.calibration_folds, class_weights=args.class_weights,
+        ngram=ngram, min_freq=args.min_freq, max_vocab=args.max_vocab, parent=parent, freeze=freeze,
+        label_fraction=args.label_fraction, class_weights=args.class_weights,
     )
 
 
@@ -115,7 +112,7 @@ def add_commands(commands: Any) -> None:
         train = commands.add_parser(name, help="train a text classifier from scratch (default: ngram_bag)")
         _add_text_arguments(train)
         train.add_argument("--arch", default="ngram_bag", choices=["ngram_bag", "bilstm", "trunk"])
-        train.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
+        train.add_argument("--config", type=key_value, action="append", metavar="KEY=VALUE",
                            help="architecture config override, e.g. hidden_size=128")
         train.add_argument("--classifier", choices=["svm", "logreg"], help="ngram_bag: the linear fit")
         train.add_argument("--C", type=float, help="ngram_bag: inverse regularisation strength")
@@ -129,7 +126,7 @@ def add_commands(commands: Any) -> None:
                           help="image checkpoint of the 'trunk' architecture")
     finetune.add_argument("--freeze", default="none", choices=["none", "trunk-except-norms", "trunk"],
                           help="what of the shared trunk stays fixed (default: nothing)")
-    finetune.add_argument("--config", type=_key_value, action="append", metavar="KEY=VALUE",
+    finetune.add_argument("--config", type=key_value, action="append", metavar="KEY=VALUE",
                           help="trunk config override (e.g. dropout=0.1); dims come from the checkpoint")
     _add_text_arguments(finetune)
     finetune.set_defaults(handler=_finetune_command)

@@ -1,12 +1,14 @@
 """Text training: from a labelled text set to a calibrated ``text`` checkpoint.
 
 One entry point, ``run_text_training``, serves ``train-text`` (any text architecture from scratch)
-and ``finetune-text`` (a ``trunk`` text model whose shared trunk comes from an image checkpoint).
-``prepare_text_run`` and ``train_text_model`` are the reusable halves the transfer study calls.
+and ``finetune-text`` (a ``trunk`` text model whose shared trunk comes from an image checkpoint);
+its stages (``training.engine.trainer``) are ``training.text.trainer``'s over the halves here:
+``prepare_text_run``, ``build_text_model`` and ``train_text_model``, which the transfer study calls too.
 
 Recipes (``TEXT_RECIPES``) hold what is known to work per architecture on 2 CPU cores: the
-preprocessing, the vocabulary limits and the loop settings. The validation split is stratified
-with a fixed ``split_seed`` (0) so every run and every arm of the study sees the same one.
+preprocessing, the loop settings and, in ``extra``, the vocabulary limits and the n-gram fit. The
+validation split is stratified with a fixed ``split_seed`` (0) so every run and every arm of the
+study sees the same one.
 """
 
 from __future__ import annotations
@@ -22,74 +24,60 @@ import torch
 from torch import nn
 
 from models import build_model
-from models.checkpoint import Manifest, load_state_dict, new_manifest, read_manifest
+from models.checkpoint import Manifest, load_state_dict
 from models.text_encoding import TextPreprocessing, Vocabulary, pad_batch
-from models.text_models import NgramBagClassifier, signed_power
+from models.text_models import NgramBagClassifier
 from models.trunk import TrunkClassifier, TrunkTransferError, copy_trunk
 from training.engine.adaptive import (
     adapt_batch_size,
     adapt_epochs,
-    check_enough_examples,
     out_of_fold_logits,
     resolve_class_weights,
-    resolve_folds,
 )
-from training.engine.calibration import fit_score_power
-from training.engine.common import finish_checkpoint, lineage, pick_device
-from training.engine.loop import Batch, LoopConfig, discard_training_state, fit, predict_logits, seeded_generator
+from training.engine.common import pick_device
+from training.engine.loop import Batch, fit, predict_logits, seeded_generator
+from training.engine.options import RunOptions
+from training.engine.recipe import Recipe, merge_recipes
+from training.engine.trainer import run_trainer
 from training.text.data import TextDataset, cached_tokens, label_budget, load_text_data, stratified_split
 from training.text.ngram import NgramOptions, build_ngram_model, fit_ngram_model
 
 logger = logging.getLogger(__name__)
 
 HEADER_FIELDS = ("subject", "from", "organization")
-LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
-TEXT_RECIPES: dict[str, dict[str, Any]] = {
+TEXT_RECIPES: dict[str, Recipe] = {
     # TF-IDF-style words + bigrams + char n-grams, linear SVM; header fields tagged.
-    "ngram_bag": {"preprocessing": {"max_tokens": 4096, "header_fields": list(HEADER_FIELDS)},
-                  "min_freq": 1, "max_vocab": 250_000, "ngram": {"weight_dtype": "float16"},
-                  "calibrate_score_power": True},
-    "bilstm": {"preprocessing": {"max_tokens": 256}, "min_freq": 2, "max_vocab": 50_000,
-               "model": {"max_tokens": 256},
-               "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01,
-                        "label_smoothing": 0.1, "warmup_fraction": 0.05, "schedule": "cosine", "grad_clip": 1.0}},
-    "trunk": {"preprocessing": {"max_tokens": 128}, "min_freq": 2, "max_vocab": 30_000,
-              "loop": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
-                       "label_smoothing": 0.1, "warmup_fraction": 0.1, "schedule": "cosine", "grad_clip": 1.0}},
+    "ngram_bag": Recipe(preprocessing={"max_tokens": 4096, "header_fields": list(HEADER_FIELDS)},
+                        extra={"min_freq": 1, "max_vocab": 250_000, "ngram": {"weight_dtype": "float16"},
+                               "calibrate_score_power": True}),
+    "bilstm": Recipe(loop={"epochs": 8, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.01, "label_smoothing": 0.1,
+                           "warmup_fraction": 0.05, "schedule": "cosine", "grad_clip": 1.0},
+                     batch_size=64, model={"max_tokens": 256}, preprocessing={"max_tokens": 256},
+                     extra={"min_freq": 2, "max_vocab": 50_000}),
+    "trunk": Recipe(loop={"epochs": 8, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.1,
+                          "warmup_fraction": 0.1, "schedule": "cosine", "grad_clip": 1.0},
+                    batch_size=64, preprocessing={"max_tokens": 128}, extra={"min_freq": 2, "max_vocab": 30_000}),
 }
+DEFAULT_BATCH_SIZE = 64  # a text recipe without its own batch size
 FREEZE_MODES = ("none", "trunk-except-norms", "trunk")
 # Learning rates of a trunk text model by what is frozen: the transfer study's best values
 # (runs/transfer-study): a frozen trunk lets the adapter and head take a much larger step.
 TRUNK_LR_BY_FREEZE = {"none": 3e-3, "trunk-except-norms": 1e-1, "trunk": 1e-1}
 
 
-@dataclasses.dataclass
-class TextRunOptions:
-    data: Path
-    output: Path | None = None
+@dataclasses.dataclass(kw_only=True)
+class TextRunOptions(RunOptions):
     architecture: str = "ngram_bag"
     model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of the recipe's
-    loop: dict[str, Any] = dataclasses.field(default_factory=dict)
     ngram: dict[str, Any] = dataclasses.field(default_factory=dict)
     min_freq: int | None = None
     max_vocab: int | None = None
-    batch_size: int | None = None
-    validation_fraction: float = 0.1
     split_seed: int = 0
-    seed: int = 0
-    device: str = "auto"
-    name: str | None = None
     parent: Path | None = None  # image checkpoint whose trunk initialises a trunk text model
     freeze: str = "none"
     label_fraction: float = 1.0
-    limit: int | None = None
-    stop_after_steps: int | None = None
-    refit_full: bool = False  # after validating, refit on every post with the same settings
-    # Calibrate and validate on K-fold out-of-fold logits, then refit on every post; auto: by data size
-    # (training.engine.adaptive), 0: one validation split.
-    calibration_folds: int | str = "auto"
     class_weights: str = "auto"  # auto | balanced | none
 
 
@@ -138,14 +126,22 @@ def evaluation_batches(model: nn.Module, ids: list[list[int]], labels: torch.Ten
         yield text_inputs(model, token_ids), labels[start:start + batch_size]
 
 
-def recipe_for(architecture: str) -> dict[str, Any]:
+def recipe_for(architecture: str) -> Recipe:
     if architecture not in TEXT_RECIPES:
         raise ValueError(f"no text recipe for {architecture!r}; choose from {sorted(TEXT_RECIPES)}")
     return TEXT_RECIPES[architecture]
 
 
+def text_recipe(options: TextRunOptions) -> Recipe:
+    """The architecture's recipe ← the command line's loop, batch size, config, preprocessing and vocabulary."""
+    vocabulary = {"min_freq": options.min_freq, "max_vocab": options.max_vocab}
+    overrides = Recipe(loop=options.loop, batch_size=options.batch_size, model=options.model_config,
+                       preprocessing=options.preprocessing, extra={k: v for k, v in vocabulary.items() if v})
+    return merge_recipes(recipe_for(options.architecture), overrides)
+
+
 def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -> PreparedText:
-    recipe = recipe_for(options.architecture)
+    recipe = text_recipe(options)
     data = data or load_text_data(options.data)
     train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.split_seed)
     if options.label_fraction < 1.0:
@@ -153,7 +149,7 @@ def prepare_text_run(options: TextRunOptions, data: TextDataset | None = None) -
     if options.limit:
         train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
         train_idx = train_idx.sort().values
-    preprocessing = TextPreprocessing.from_dict({**recipe["preprocessing"], **options.preprocessing})
+    preprocessing = TextPreprocessing.from_dict(dict(recipe.preprocessing))
     return prepare_split(options, data, preprocessing, train_idx, val_idx)
 
 
@@ -163,11 +159,10 @@ def prepare_split(options: TextRunOptions, data: TextDataset, preprocessing: Tex
 
     ``tokens``: every post's tokens when the caller already has them (else read from the cache).
     """
-    recipe = recipe_for(options.architecture)
+    limits = text_recipe(options).extra
     tokens = tokens if tokens is not None else cached_tokens(data, preprocessing)
     train_tokens = [tokens[i] for i in train_idx.tolist()]
-    vocabulary = Vocabulary.build(train_tokens, options.min_freq or recipe["min_freq"],
-                                  options.max_vocab or recipe["max_vocab"])
+    vocabulary = Vocabulary.build(train_tokens, limits["min_freq"], limits["max_vocab"])
     return PreparedText(
         data, preprocessing, vocabulary,
         [vocabulary.lookup(t) for t in train_tokens], data.labels[train_idx],
@@ -198,9 +193,9 @@ def cross_fitted_logits(options: TextRunOptions, prepared: PreparedText, folds: 
 
 def prepare_full_refit(options: TextRunOptions, prepared: PreparedText) -> PreparedText:
     """Every post (training and validation) as training data; vocabulary rebuilt over all of them."""
-    recipe = recipe_for(options.architecture)
+    limits = text_recipe(options).extra
     tokens = cached_tokens(prepared.data, prepared.preprocessing)
-    vocabulary = Vocabulary.build(tokens, options.min_freq or recipe["min_freq"], options.max_vocab or recipe["max_vocab"])
+    vocabulary = Vocabulary.build(tokens, limits["min_freq"], limits["max_vocab"])
     everything = torch.arange(len(prepared.data))
     return dataclasses.replace(prepared, vocabulary=vocabulary, train_ids=[vocabulary.lookup(t) for t in tokens],
                                train_labels=prepared.data.labels, train_index=everything)
@@ -238,47 +233,54 @@ def apply_freeze(model: nn.Module, mode: str) -> int:
     return frozen
 
 
+def ngram_options(options: TextRunOptions, prepared: PreparedText) -> NgramOptions:
+    """The recipe's n-gram fit with the command line's, balanced when the classes ask for it."""
+    weights = resolve_class_weights(options.class_weights, prepared.train_labels, len(prepared.data.classes))
+    return NgramOptions(**{**text_recipe(options).extra.get("ngram", {}), **options.ngram,
+                           **({"class_weight": "balanced"} if weights is not None else {})})
+
+
 def build_text_model(options: TextRunOptions, prepared: PreparedText) -> nn.Module:
-    recipe = recipe_for(options.architecture)
+    """The untrained model of ``options`` for ``prepared`` (an n-gram bag's tables come from its training posts)."""
     classes, vocab_size = len(prepared.data.classes), len(prepared.vocabulary)
     max_tokens = prepared.preprocessing.max_tokens
+    if options.architecture == "ngram_bag":
+        header_prefixes = tuple(f"{f}:" for f in prepared.preprocessing.header_fields)
+        return build_ngram_model(prepared.train_ids, prepared.vocabulary.itos, classes, ngram_options(options, prepared),
+                                 max_tokens, header_prefixes)
     if options.parent is not None:
         if options.architecture != "trunk":
             raise ValueError("--from (image transfer) needs the trunk architecture")
         return text_trunk_from_image(options.parent, vocab_size, classes, max_tokens, options.model_config)
-    config = {**recipe.get("model", {}), **options.model_config, "vocab_size": vocab_size, "num_classes": classes}
+    config = {**text_recipe(options).model, "vocab_size": vocab_size, "num_classes": classes}
     if options.architecture == "trunk":
         config.update(modalities=["text"], max_text_tokens=max_tokens)
     return build_model(options.architecture, config)
 
 
 def train_text_model(options: TextRunOptions, prepared: PreparedText, state_dir: Path | None = None,
-                     validate_each_epoch: bool = True) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
-    """Train (or fit) the model of ``options`` on ``prepared``; returns model, history, run details."""
+                     validate_each_epoch: bool = True, model: nn.Module | None = None,
+                     ) -> tuple[nn.Module, list[dict[str, float]], dict[str, Any]]:
+    """Train (or fit) ``model`` (default: a new one of ``options``) on ``prepared``; returns model, history, details."""
     device = pick_device(options.device)
-    recipe = recipe_for(options.architecture)
+    recipe = text_recipe(options)
     started = time.perf_counter()
+    if model is None:
+        model = build_text_model(options, prepared)
     if options.architecture == "ngram_bag":
-        weights = resolve_class_weights(options.class_weights, prepared.train_labels, len(prepared.data.classes))
-        ngram = NgramOptions(**{**recipe.get("ngram", {}), **options.ngram,
-                                **({"class_weight": "balanced"} if weights is not None else {})})
-        header_prefixes = tuple(f"{f}:" for f in prepared.preprocessing.header_fields)
-        model: nn.Module = build_ngram_model(prepared.train_ids, prepared.vocabulary.itos, len(prepared.data.classes),
-                                             ngram, prepared.preprocessing.max_tokens, header_prefixes)
         assert isinstance(model, NgramBagClassifier)
+        ngram = ngram_options(options, prepared)
         fit_details = fit_ngram_model(model, prepared.train_ids, prepared.train_labels, ngram, options.seed)
         details = {"ngram": dataclasses.asdict(ngram), **fit_details, "train_seconds": time.perf_counter() - started}
         return model, [], details
-    model = build_text_model(options, prepared)
     frozen = apply_freeze(model, options.freeze)
-    loop_values = {**recipe.get("loop", {}), **options.loop}
+    lr = {}
     if options.architecture == "trunk" and options.parent is not None and "lr" not in options.loop:
-        loop_values["lr"] = TRUNK_LR_BY_FREEZE[options.freeze]
-    batch_size = int(options.batch_size or adapt_batch_size(loop_values.pop("batch_size", 64), len(prepared.train_ids)))
-    loop_values.pop("batch_size", None)
-    loop_values["class_weights"] = resolve_class_weights(options.class_weights, prepared.train_labels,
-                                                         len(prepared.data.classes))
-    loop = LoopConfig(seed=options.seed, **{k: v for k, v in loop_values.items() if k in LOOP_FIELDS})
+        lr = {"lr": TRUNK_LR_BY_FREEZE[options.freeze]}
+    batch_size = int(options.batch_size or adapt_batch_size(recipe.batch_size or DEFAULT_BATCH_SIZE,
+                                                            len(prepared.train_ids)))
+    class_weights = resolve_class_weights(options.class_weights, prepared.train_labels, len(prepared.data.classes))
+    loop = recipe.loop_config(options.seed, class_weights=class_weights, **lr)
     source = TextBatches(model, prepared.train_ids, prepared.train_labels, batch_size, options.seed,
                          prepared.preprocessing.max_tokens)
     if options.batch_size is None and "epochs" not in options.loop:  # the study fixes both; a user's small set adapts
@@ -304,64 +306,7 @@ def validation_logits(model: nn.Module, prepared: PreparedText, device: str = "a
 
 
 def run_text_training(options: TextRunOptions) -> dict[str, Any]:
-    """Prepare, train, calibrate on validation and write the checkpoint (with ``vocab.json``)."""
-    output = options.output
-    if output is None:
-        raise ValueError("an output checkpoint directory is needed")
-    if options.parent is not None:  # fail before tokenising anything
-        check_transfer_source(read_manifest(options.parent), options.parent)
-    subsampled = options.label_fraction < 1.0 or bool(options.limit)
-    if (options.refit_full or options.calibration_folds not in (0, "auto")) and subsampled:
-        raise ValueError("--refit-full and --calibration-folds train on every label (not with --label-fraction or --limit)")
-    prepared = prepare_text_run(options)
-    folds = 0 if subsampled and options.calibration_folds == "auto" else resolve_folds(
-        options.calibration_folds, len(prepared.data), options.validation_fraction)
-    check_enough_examples(prepared.data.labels, prepared.data.classes, folds)
-    # Cross-fitting calibrates the model refit on every post: the folds' models are not shipped.
-    options = dataclasses.replace(options, calibration_folds=folds, refit_full=options.refit_full or folds > 0)
-    state_dir = output.parent / f".{output.name}.train-state"
-    started = time.perf_counter()
-    if folds:
-        val_logits, val_labels = cross_fitted_logits(options, prepared, folds)
-        details: dict[str, Any] = {"calibration_data": f"{folds}-fold out-of-fold logits of every post"}
-    else:
-        model, history, details = train_text_model(options, prepared, state_dir)
-        if options.stop_after_steps is not None and len(history) < int(details["loop"]["epochs"]):
-            return {"stopped": True, "state": str(state_dir)}
-        val_logits, val_labels = validation_logits(model, prepared, options.device), prepared.val_labels
-    if options.refit_full:
-        # Validation metrics and the temperature stay those of the held-out fits above; the shipped
-        # weights are the same recipe refit on every post.
-        held_out = len(val_labels)
-        prepared = prepare_full_refit(options, prepared)
-        model, history, refit = train_text_model(options, prepared, state_dir)
-        details.update({k: v for k, v in refit.items() if k != "train_seconds"})
-        details.update(refit_full=True, refit_posts=len(prepared.train_ids), train_seconds=time.perf_counter() - started,
-                       validation_posts=held_out)
-    if recipe_for(options.architecture).get("calibrate_score_power") and isinstance(model, NgramBagClassifier):
-        power = fit_score_power(val_logits, val_labels)
-        model.config = dataclasses.replace(model.config, score_power=power)
-        val_logits = signed_power(val_logits, power)
-        details["score_power"] = power
-        logger.info("calibration: scores raised to the power %.1f before temperature scaling", power)
-    config = getattr(model, "config", None)
-    manifest = new_manifest(
-        options.name or output.name, "text", options.architecture, config,
-        classes=prepared.data.classes,
-        preprocessing=prepared.preprocessing.to_dict(),
-        data_fingerprint=prepared.data.fingerprint,
-        parent=lineage(options.parent),
-    )
-    extra = {"train_posts": len(prepared.train_ids) - (len(prepared.val_ids) if options.refit_full else 0),
-             "validation_posts": len(prepared.val_ids),
-             "vocabulary_size": len(prepared.vocabulary), "label_fraction": options.label_fraction,
-             "split_seed": options.split_seed, "validation_fraction": options.validation_fraction,
-             "calibration_folds": folds, "class_weights": options.class_weights, **details}
-    if folds:
-        extra.update(train_posts=len(prepared.train_ids), validation_fraction=0.0)
-    summary = finish_checkpoint(output, model, manifest, val_logits, val_labels, history,
-                                extra_files={prepared.preprocessing.vocab_file: prepared.vocabulary.to_json_bytes()},
-                                extra_metrics=extra)
-    discard_training_state(state_dir)
-    summary["train_seconds"] = details["train_seconds"]
-    return summary
+    """Prepare, train, calibrate on held-out posts and write the checkpoint (with ``vocab.json``)."""
+    from training.text.trainer import TextTrainer
+
+    return run_trainer(TextTrainer(), options)

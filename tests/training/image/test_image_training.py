@@ -155,7 +155,7 @@ def test_fine_tuning_starts_from_a_quarter_of_the_recipe_rate_unless_lr_is_given
     from training.image.task import IMAGE_RECIPES, ImageRunOptions, _recipe
 
     options = ImageRunOptions(data=tmp_path, output=tmp_path / "out")
-    assert _recipe(options, "fastconv", transfer=False)[0].lr == IMAGE_RECIPES["fastconv"]["lr"]
-    assert _recipe(options, "fastconv", transfer=True)[0].lr == IMAGE_RECIPES["fastconv"]["lr"] / 4
+    assert _recipe(options, "fastconv", transfer=False)[0].lr == IMAGE_RECIPES["fastconv"].loop["lr"]
+    assert _recipe(options, "fastconv", transfer=True)[0].lr == IMAGE_RECIPES["fastconv"].loop["lr"] / 4
     given = ImageRunOptions(data=tmp_path, output=tmp_path / "out", loop={"lr": 0.05})
     assert _recipe(given, "fastconv", transfer=True)[0].lr == 0.05
