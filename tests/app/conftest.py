@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servicekit import API_KEY, Server, save_image_model, serving
+from servicekit import API_KEY, ROOT, Server, save_image_model, serving
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
@@ -116,3 +116,12 @@ def probe_server(probe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def probe(probe_server: Server) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=probe_server.url, timeout=30) as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The service over the bundled checkpoints (``checkpoints/``: every shipped model), no API keys."""
+    env = {"MODEL_DIR": str(ROOT / "checkpoints"), "DEVICE": "cpu", "PRECISION": "fp32", "TRACE_MODELS": "false",
+           "WARMUP": "false", "TOKENIZER_PROCESSES": "0", "API_KEYS": ""}
+    with serving(tmp_path_factory.mktemp("bundled") / "server.log", env) as server:
+        yield server

@@ -14,23 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image, ImageDraw
-from servicekit import API_KEY, ROOT, Server, encode, serving
+from servicekit import API_KEY, ROOT, Server, encode
 
 from app.routes.page import ASSETS, CONTENT_SECURITY_POLICY
 
-BUNDLED = ROOT / "checkpoints"
 STATIC = ROOT / "app" / "static"
 PAGE_FILES = ["/", *(f"/static/{name}" for name in ASSETS)]
 BROWSER_WAIT_S = 30
-
-
-@pytest.fixture(scope="module")
-def bundled_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """The service over the bundled checkpoints (two image models, a text and a multimodal one), no API keys."""
-    env = {"MODEL_DIR": str(BUNDLED), "DEVICE": "cpu", "PRECISION": "fp32", "TRACE_MODELS": "false",
-           "WARMUP": "false", "TOKENIZER_PROCESSES": "0", "API_KEYS": ""}
-    with serving(tmp_path_factory.mktemp("page") / "server.log", env) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -202,17 +192,21 @@ def test_page_classifies_a_chosen_image_with_any_image_model(bundled_server: Ser
         assert "ECE " in shown["calibration"]
 
 
-def test_page_classifies_a_typed_text(bundled_server: Server, browser) -> None:
+def test_page_classifies_a_typed_text_with_either_text_model(bundled_server: Server, browser) -> None:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
 
     url = bundled_server.url
     text = "The goalie made 40 saves in the playoff game last night and the crowd went wild."
     _open(browser, url)
     browser.find_element(By.ID, "text-input").send_keys(text)
-    assert _options(browser) == ["20news-text"]
-    shown = _classify_and_read(browser, 20)
-    answer = httpx.post(f"{url}/v1/text/classify", json={"text": text}, timeout=30).json()
-    _check_distribution(shown, _model(url, "20news-text")["classes"], answer["predictions"][0]["label"])
+    assert _options(browser) == ["20news-text", "20news-trunk"]  # text models only, the default (n-gram) first
+    for name in ("20news-text", "20news-trunk"):
+        Select(browser.find_element(By.ID, "model-select")).select_by_value(name)
+        shown = _classify_and_read(browser, 20)
+        answer = httpx.post(f"{url}/v1/text/classify", params={"model": name}, json={"text": text}, timeout=30).json()
+        _check_distribution(shown, _model(url, name)["classes"], answer["predictions"][0]["label"])
+        assert shown["model"].startswith(f"{name} (version ")
 
 
 def test_page_classifies_an_image_with_its_text_with_a_multimodal_model(bundled_server: Server, browser,
