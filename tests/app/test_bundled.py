@@ -42,3 +42,16 @@ def test_no_lineage_in_the_public_api_names_a_file_path(bundled_server: Server) 
     fusion = next(model for model in models if model["name"] == "mvsa-fusion")
     assert "path" in keys(read_manifest(BUNDLED / "mvsa-fusion").parent)  # the manifest keeps it …
     assert fusion["lineage"] and all("path" not in keys(model["lineage"]) for model in models)  # … the API does not
+
+
+def test_the_image_initialised_text_model_answers_through_v2_as_through_v1(bundled_server: Server) -> None:
+    post = "My 486 will not boot after I installed the new IDE controller card."
+    v1 = httpx.post(f"{bundled_server.url}/v1/text/classify", params={"model": "20news-trunk"}, json={"text": post},
+                    timeout=30).json()
+    v2 = httpx.post(f"{bundled_server.url}/v2/models/20news-trunk/infer", timeout=30, json={
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [post]}]}).json()
+    output = next(item for item in v2["outputs"] if item["name"] == "probabilities")
+    classes = httpx.get(f"{bundled_server.url}/v1/models/20news-trunk", timeout=10).json()["classes"]
+    assert output["shape"] == [1, len(classes)]
+    expected = [v1["predictions"][0]["probabilities"][name] for name in classes]
+    assert max(abs(a - b) for a, b in zip(output["data"], expected, strict=True)) < 1e-6
