@@ -63,18 +63,22 @@ class ServedModel:
         return {
             "name": m.name, "version": self.version, "task": m.task, "architecture": m.architecture,
             "classes": list(m.classes), "preprocessing": m.preprocessing, "calibration": m.calibration,
-            "metrics": m.metrics, "lineage": _without_paths(m.parent), "data_fingerprint": m.data_fingerprint,
+            "metrics": _without_paths(m.metrics), "lineage": _without_paths(m.parent),
+            "data_fingerprint": m.data_fingerprint,
             "code_version": m.code_version, "created_at": m.created_at, "weights_sha256": m.weights_sha256,
             "device": str(self.device), "runtime": "torchscript" if self.runner.compiled is not None else "eager",
         }
 
 
-def _without_paths(lineage: Any) -> Any:
-    """The lineage as the public API shows it: every ``path`` (where the parent lay on the training
-    machine) left out, since public responses name no file paths; names and weight hashes identify it."""
-    if isinstance(lineage, dict):
-        return {key: _without_paths(value) for key, value in lineage.items() if key != "path"}
-    return lineage
+def _without_paths(value: Any) -> Any:
+    """A manifest's lineage or metrics as the public API shows them: every ``path`` (where a parent lay
+    on the training machine) left out, since public responses name no file paths; names and weight
+    hashes identify a parent."""
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items() if key != "path"}
+    if isinstance(value, list):
+        return [_without_paths(item) for item in value]
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,3 +42,25 @@ def test_no_module_shadows_the_standard_library() -> None:
     shadowing = [str(p.relative_to(ROOT)) for folder in ("app", "models", "training", "benchmarks")
                  for p in (ROOT / folder).rglob("*.py") if p.stem in sys.stdlib_module_names]
     assert shadowing == []
+
+
+def _imported_training_packages(path: Path) -> set[str]:
+    """The ``training`` sub-packages a module imports (``training.text.data`` → ``text``), lazy imports included."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+        names |= {module.split(".")[1] for module in modules if module.startswith("training.") and "." in module}
+    return names
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("engine", {"image", "text", "fusion", "studies", "cli", "evaluate", "export"}),  # the engine serves every task
+    ("image", {"studies"}), ("text", {"studies"}), ("fusion", {"studies"}),  # a shipped recipe needs no study
+])
+def test_training_layers(package: str, forbidden: set[str]) -> None:
+    files = sorted((ROOT / "training" / package).rglob("*.py"))
+    assert files
+    offenders = {str(p.relative_to(ROOT)): sorted(_imported_training_packages(p) & forbidden) for p in files}
+    offenders = {path: names for path, names in offenders.items() if names and not path.endswith("/cli.py")}
+    assert offenders == {}

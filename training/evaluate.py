@@ -27,7 +27,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, dev
         batches = evaluation_batches(dataset, preprocessing, batch_size)
         logits, labels = predict_logits(loaded.model.to(torch_device), batches, torch_device)
     else:
-        from training.text.evaluate import text_logits  # type: ignore[import-not-found]
+        from training.text.evaluate import text_logits
 
         logits, labels = text_logits(loaded, data, batch_size, torch_device)
     metrics = classification_metrics(logits, labels, manifest.classes, manifest.temperature)

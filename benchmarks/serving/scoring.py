@@ -22,12 +22,13 @@ from training.engine.metrics import classification_metrics
 
 
 @contextlib.contextmanager
-def serve_checkpoint(checkpoint: Path, name: str = "score") -> Iterator[harness.ServerProcess]:
-    """The service running on ``checkpoint`` alone (under its manifest's name), stopped on exit."""
+def serve_checkpoint(checkpoint: Path, env: dict[str, str] | None = None) -> Iterator[harness.ServerProcess]:
+    """The service running on ``checkpoint`` alone (under its manifest's name, with ``env`` on top of
+    its defaults), stopped on exit."""
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory() as log_dir:
         shutil.copytree(checkpoint, Path(model_dir) / manifest["name"])
-        server = harness.start_service(name, {"MODEL_DIR": model_dir}, Path(log_dir))
+        server = harness.start_service("score", {**(env or {}), "MODEL_DIR": model_dir}, Path(log_dir))
         try:
             yield server
         finally:

@@ -41,11 +41,11 @@ def batches(texts: list[str], most: int) -> list[list[int]]:
     return [group for group in groups if group]
 
 
-def score(checkpoint: Path, data: Path, batch: int) -> dict[str, float]:
+def score(checkpoint: Path, data: Path, batch: int, env: dict[str, str] | None = None) -> dict[str, float]:
     manifest = json.loads((checkpoint / "manifest.json").read_text())
     dataset = load_text_data(data, manifest["classes"])
     rows: list[list[float]] = []
-    with serve_checkpoint(checkpoint) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+    with serve_checkpoint(checkpoint, env) as server, httpx.Client(base_url=server.url, timeout=300) as client:
         started = time.perf_counter()
         for group in batches(dataset.texts, batch):
             response = client.post("/v1/text/classify", json={"texts": [dataset.texts[i] for i in group]},

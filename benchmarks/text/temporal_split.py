@@ -68,7 +68,8 @@ def reference_accuracy(split: Path) -> float:
 
 
 def run_variant(split: Path, runs: Path, name: str, options: str) -> dict[str, float]:
-    """Train ``name`` with the ``train-text`` options on the early posts; its metrics on the late ones.
+    """Train ``name`` with the ``train-text`` (or ``finetune-text …``) options on the early posts; its
+    metrics on the late ones.
     Both commands run in ``runs``, so their token caches (``.cache/``) go there too."""
     arguments = shlex.split(options)
     command = arguments.pop(0) if arguments[:1] == ["finetune-text"] else "train-text"
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True, help="a 20 Newsgroups bydate training tree")
     parser.add_argument("--fraction", type=float, default=0.15, help="the latest share of each class held out")
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="OPTIONS"',
-                        help="a train-text recipe to score (repeatable; default: the default recipe)")
+                        help="a train-text recipe to score, or 'finetune-text …' (repeatable; default: the default recipe)")
     parser.add_argument("--work", type=Path, help="where the split and the runs go (default: a temporary folder)")
     parser.add_argument("--output", type=Path, help="also write the table here (markdown)")
     parser.add_argument("--split-only", action="store_true", help="write WORK/split/{train,val} and stop")
@@ -115,7 +116,7 @@ def main() -> int:
         logger.info("%s: %s", name, json.dumps({key: round(value, 4) for key, value in results[name].items()}))
     lines = [f"Temporal split of `{args.data}`: the latest {args.fraction:.0%} of each class held out "
              f"({train_count} earlier posts to train on, {val_count} later ones to score).", "",
-             "| recipe | train-text options | later posts: accuracy | macro-F1 | ECE | NLL | its own random validation split |",
+             "| recipe | training options | later posts: accuracy | macro-F1 | ECE | NLL | its own random validation split |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, metrics in results.items():
         if "macro_f1" not in metrics:

@@ -55,3 +55,11 @@ def test_the_image_initialised_text_model_answers_through_v2_as_through_v1(bundl
     assert output["shape"] == [1, len(classes)]
     expected = [v1["predictions"][0]["probabilities"][name] for name in classes]
     assert max(abs(a - b) for a, b in zip(output["data"], expected, strict=True)) < 1e-6
+
+
+def test_paths_are_left_out_of_lineage_and_metrics_at_any_depth() -> None:
+    from app.registry import _without_paths
+
+    manifest_part = {"path": "/srv/a", "name": "x", "folds": [{"measured_on": {"path": "/srv/b", "weights": "h"}}]}
+    assert _without_paths(manifest_part) == {"name": "x", "folds": [{"measured_on": {"weights": "h"}}]}
+    assert _without_paths(None) is None and _without_paths([1, "path"]) == [1, "path"]

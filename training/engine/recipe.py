@@ -3,8 +3,7 @@
 A ``Recipe`` is what is known to work for one architecture: the loop settings (``LoopConfig``
 fields), the batch size, the model config, the preprocessing, and ``extra`` for a task's own knobs
 (image flips, text vocabulary limits, fusion loss weighting). ``merge_recipes`` layers recipes key
-by key, the later winning: the task's recipe, then the architecture's defaults where a run has
-them (a parent checkpoint's config), then the command line's overrides.
+by key, the later winning: the task's recipe for the architecture, then the command line's overrides.
 """
 
 from __future__ import annotations

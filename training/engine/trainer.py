@@ -3,8 +3,9 @@
 A task's trainer is four stages, each handed what the one before returned:
 
 - ``prepare(options)``: load the data, hold out what validation and calibration need (a split or
-  folds), fit the preprocessing; fail here, before any training, on bad options or data;
-- ``build(options, prepared)``: the model to train, initialised (from scratch or a parent);
+  folds); fail here, before any training, on bad options or data;
+- ``build(options, prepared)``: the model to train, initialised (from scratch or a parent), with
+  what it fixes of the preprocessing where prepare left that open (an image model's normalisation);
 - ``fit(options, prepared, built)``: train it, score the held-out examples, and refit on every
   example when the run asks for it (``training.engine.refit``); or ``Stopped`` when the run ended early;
 - ``export(options, prepared, fitted)``: calibrate, write the checkpoint and its plots, return the summary.
@@ -52,10 +53,13 @@ class Trainer(Protocol[OptionsT, PreparedT, BuiltT, FittedT]):
 
 def run_trainer(trainer: Trainer[OptionsT, PreparedT, BuiltT, FittedT], options: OptionsT) -> dict[str, Any]:
     """prepare → build → fit → export; the summary of the written checkpoint (or of the stopped run)."""
-    started = time.perf_counter()
+    last = time.perf_counter()
 
     def done(stage: str) -> None:
-        logger.info("%s: %s done (%.1f s)", trainer.task, stage, time.perf_counter() - started)
+        nonlocal last
+        now = time.perf_counter()
+        logger.info("%s: %s done (%.1f s)", trainer.task, stage, now - last)
+        last = now
 
     prepared = trainer.prepare(options)
     done("prepare")

@@ -70,7 +70,7 @@ def build_joint(prep: Prepared, seed: int) -> tuple[JointFusionClassifier, dict[
     base: dict[str, Any] = {}
     if prep.image_parent is not None:
         known = {f.name for f in dataclasses.fields(JointFusionConfig)}
-        base = {k: v for k, v in prep.image_parent.manifest.config.items() if k in known}
+        base = {k: v for k, v in prep.image_parent.manifest.config.items() if k in known and k != "tta_flip"}
     base.update(num_classes=len(prep.data.classes), modalities=("image", "text"), vocab_size=len(prep.vocabulary),
                 image_size=prep.image.size, max_text_tokens=min(prep.preprocessing.max_tokens, JOINT_TEXT_TOKENS))
     if isinstance(base.get("modalities"), list):

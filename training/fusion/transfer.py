@@ -6,7 +6,7 @@
 * Joint fusion: an image ``trunk`` checkpoint gives the image adapter and the shared trunk; a text
   ``trunk`` checkpoint gives the text adapter (embedding rows of the tokens both vocabularies share,
   positions) and its vocabulary. Other text checkpoints have nothing the adapter can use and are
-  set aside by ``training.fusion.task.prepare``.
+  set aside by ``training.fusion.prep.prepare``.
 
 Every copy is by tensor name and checked for shape; a checkpoint of the wrong task or architecture
 is a clear ``TransferError``.

@@ -83,6 +83,11 @@ def study_arms(options: StudyOptions) -> tuple[str, ...]:
         raise ValueError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     if "previous-image-frozen" in arms and options.compare_checkpoint is None:
         raise ValueError("the previous-image-frozen arm needs --compare-from (the image checkpoint to compare with)")
+    if options.compare_checkpoint is not None and "previous-image-frozen" not in arms:
+        raise ValueError("--compare-from feeds only the previous-image-frozen arm, which --arms leaves out")
+    ungridded = sorted(set(options.grids) - set(arms))
+    if ungridded:
+        raise ValueError(f"--grid for {', '.join(ungridded)}, which --arms leaves out")
     return tuple(arm for arm in ARMS if arm in arms)
 
 
@@ -115,15 +120,29 @@ def _tfidf_accuracy(prepared: PreparedText, c: float) -> float:
     return float((classifier.predict(validation) == prepared.val_labels.numpy()).mean())
 
 
+def _source(arm: str, options: StudyOptions) -> Path | None:
+    """The image checkpoint whose trunk the arm starts from (None: a random trunk, or no trunk)."""
+    image = ARMS[arm]["image"]
+    if not image:
+        return None
+    return options.compare_checkpoint if image == "previous" else options.image_checkpoint
+
+
+def _source_weights(arm: str, options: StudyOptions) -> str | None:
+    """The weights hash of the arm's source: a run is reused only from the same source."""
+    source = _source(arm, options)
+    return None if source is None else read_manifest(source).weights_sha256
+
+
 def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyOptions, settings: dict[str, Any],
              data: Any) -> dict[str, Any]:
     spec = ARMS[arm]
-    source = options.compare_checkpoint if spec["image"] == "previous" else options.image_checkpoint
+    source = _source(arm, options)
     image_config = read_manifest(options.image_checkpoint).config
     run = TextRunOptions(
         data=options.data, architecture="trunk", preprocessing={"max_tokens": settings["max_tokens"]},
         model_config={} if spec["image"] else {k: image_config[k] for k in TRUNK_SHAPE if k in image_config},
-        seed=seed, device=options.device, parent=source if spec["image"] else None,
+        seed=seed, device=options.device, parent=source,
         freeze=spec["freeze"], label_fraction=fraction, batch_size=options.batch_size,
     )
     prepared = prepare_text_run(run, data=data)
@@ -138,11 +157,12 @@ def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyO
         logits = validation_logits(model, prepared, options.device)
         accuracy = float((logits.argmax(dim=1) == prepared.val_labels).float().mean())
     return {"arm": arm, "value": value, "fraction": fraction, "seed": seed, "accuracy": accuracy, "epochs": epochs,
-            "train_posts": len(prepared.train_ids), "seconds": time.perf_counter() - started}
+            "train_posts": len(prepared.train_ids), "seconds": time.perf_counter() - started,
+            "source": _source_weights(arm, options)}
 
 
-def _key(arm: str, value: float, fraction: float, seed: int) -> str:
-    return f"{arm}|{value:g}|{fraction:g}|{seed}"
+def _key(arm: str, value: float, fraction: float, seed: int, source: str | None) -> str:
+    return f"{arm}|{value:g}|{fraction:g}|{seed}|{source or '-'}"
 
 
 def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
@@ -151,13 +171,15 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
     runs_path = options.output / "runs.json"
     runs: dict[str, dict[str, Any]] = {}
     if runs_path.is_file():
-        runs = {_key(r["arm"], r["value"], r["fraction"], r["seed"]): r for r in json.loads(runs_path.read_text())}
+        runs = {_key(r["arm"], r["value"], r["fraction"], r["seed"], r.get("source")): r
+                for r in json.loads(runs_path.read_text())}
         logger.info("resuming: %d runs already in %s", len(runs), runs_path)
     data = None if options.report_only else load_text_data(options.data)
     started = time.perf_counter()
+    sources = {arm: _source_weights(arm, options) for arm in settings["grids"]}  # runs of another source are not reused
 
     def record(arm: str, value: float, fraction: float, seed: int) -> dict[str, Any]:
-        key = _key(arm, value, fraction, seed)
+        key = _key(arm, value, fraction, seed, sources[arm])
         if key not in runs:
             runs[key] = _run_one(arm, value, fraction, seed, options, settings, data)
             logger.info("%s: accuracy %.4f (%.0f s)", key, runs[key]["accuracy"], runs[key]["seconds"])
@@ -171,14 +193,15 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
         for arm in settings["grids"]:
             grid = settings["grids"][arm]
             if options.report_only:  # what has been measured so far, nothing new
-                tuning = [runs[k] for k in (_key(arm, v, fraction, seeds[0]) for v in grid) if k in runs]
+                tuning = [runs[k] for k in (_key(arm, v, fraction, seeds[0], sources[arm]) for v in grid) if k in runs]
             else:
                 tuning = [record(arm, value, fraction, seeds[0]) for value in grid]
             if not tuning:
                 continue
             best = max(tuning, key=lambda r: r["accuracy"])["value"]
             if options.report_only:
-                scores = [runs[k]["accuracy"] for k in (_key(arm, best, fraction, seed) for seed in seeds) if k in runs]
+                keys = (_key(arm, best, fraction, seed, sources[arm]) for seed in seeds)
+                scores = [runs[k]["accuracy"] for k in keys if k in runs]
             else:
                 scores = [record(arm, best, fraction, seed)["accuracy"] for seed in seeds]
             cells.append({"arm": arm, "fraction": fraction, "best_value": best, "accuracies": scores,

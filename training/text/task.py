@@ -213,7 +213,7 @@ def text_trunk_from_image(checkpoint: Path, vocab_size: int, num_classes: int, m
     state, manifest = load_state_dict(checkpoint)
     check_transfer_source(manifest, checkpoint)
     config = {**manifest.config, **(overrides or {}), "modalities": ["text"], "vocab_size": vocab_size,
-              "num_classes": num_classes, "max_text_tokens": max_tokens}
+              "num_classes": num_classes, "max_text_tokens": max_tokens, "tta_flip": False}  # an image-only view
     model = build_model("trunk", config)
     assert isinstance(model, TrunkClassifier)
     copy_trunk(model, state, str(checkpoint))

@@ -1,6 +1,6 @@
 """Fine-tuning that adapts to the data: a small folder trains (never zero steps), calibrates on
 out-of-fold predictions, records its plan, and refuses data too small to learn from (the text
-counterpart is tests/text/test_text_small_data.py)."""
+counterpart is tests/training/text/test_text_small_data.py)."""
 
 from __future__ import annotations
 

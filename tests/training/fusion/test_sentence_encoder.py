@@ -18,7 +18,7 @@ from training.cli import main
 from training.fusion.data import load_pairs
 from training.fusion.sentence import SentenceSourceError, load_sentence_source
 
-SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints" / "mvsa-fusion"
+SHIPPED = Path(__file__).resolve().parents[3] / "checkpoints" / "mvsa-fusion"
 TRICKY = [
     "I love this sunset, best day ever!", "ugh, stuck in traffic AGAIN #monday", "The meeting is at noon.",
     "RT @user: don't!!! :) http://t.co/AbC123", "İstanbul ÇAFÉ naïve résumé", "日本語のテキスト and 中文",

@@ -1,4 +1,4 @@
-"""Fixtures for the fusion tests: a small real subset of the paired data and tiny parent checkpoints."""
+"""Fixtures for the fusion training tests: tiny parent checkpoints and a sentence-encoder source."""
 
 from __future__ import annotations
 
@@ -6,20 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datakit import extract_pairs_subset
 from sentencekit import write_sentence_source
 
 from models import build_model
 from models.checkpoint import new_manifest, save_checkpoint
 from models.text_encoding import TextPreprocessing, Vocabulary, tokenize
-
-SUBSET_PAIRS = 600
-
-
-@pytest.fixture(scope="session")
-def pairs_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """600 real image + tweet pairs in the shared layout (train.jsonl + images/)."""
-    return extract_pairs_subset(tmp_path_factory.mktemp("pairs") / "mvsa", SUBSET_PAIRS)
 
 
 @pytest.fixture(scope="session")

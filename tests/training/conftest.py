@@ -1,4 +1,4 @@
-"""Fixtures for the text tests: a small real 20 Newsgroups subset and a tiny image trunk checkpoint."""
+"""Fixtures for every training test: token caches kept out of the repository, a tiny image trunk checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from datakit import extract_news_subset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,12 +17,6 @@ def token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(text_data, "DEFAULT_TOKEN_CACHE", folder)
         yield folder
-
-
-@pytest.fixture(scope="session")
-def news_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """80 real posts from each of 4 newsgroups, bydate layout (folder per class, raw latin-1)."""
-    return extract_news_subset(tmp_path_factory.mktemp("news") / "train", per_class=80)
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +36,3 @@ def image_trunk_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             classes=[f"c{i}" for i in range(10)],
                             preprocessing={"kind": "image", "size": 32, "mean": [0.5] * 3, "std": [0.25] * 3})
     return save_checkpoint(tmp_path_factory.mktemp("image") / "tiny-trunk", model, manifest)
-
-
-@pytest.fixture(scope="session")
-def fastconv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models import build_model
-    from models.checkpoint import new_manifest, save_checkpoint
-
-    model = build_model("fastconv", {"num_classes": 10, "widths": [8, 16, 16]})
-    manifest = new_manifest("tiny-fastconv", "image", "fastconv", model.config,  # type: ignore[arg-type]
-                            classes=[f"c{i}" for i in range(10)], preprocessing={"kind": "image", "size": 32})
-    return save_checkpoint(tmp_path_factory.mktemp("image") / "tiny-fastconv", model, manifest)
