@@ -135,7 +135,7 @@ def _source_weights(arm: str, options: StudyOptions) -> str | None:
 
 
 def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyOptions, settings: dict[str, Any],
-             data: Any) -> dict[str, Any]:
+             data: Any, source_weights: str | None) -> dict[str, Any]:
     spec = ARMS[arm]
     source = _source(arm, options)
     image_config = read_manifest(options.image_checkpoint).config
@@ -158,7 +158,7 @@ def _run_one(arm: str, value: float, fraction: float, seed: int, options: StudyO
         accuracy = float((logits.argmax(dim=1) == prepared.val_labels).float().mean())
     return {"arm": arm, "value": value, "fraction": fraction, "seed": seed, "accuracy": accuracy, "epochs": epochs,
             "train_posts": len(prepared.train_ids), "seconds": time.perf_counter() - started,
-            "source": _source_weights(arm, options)}
+            "source": source_weights}
 
 
 def _key(arm: str, value: float, fraction: float, seed: int, source: str | None) -> str:
@@ -181,7 +181,7 @@ def run_transfer_study(options: StudyOptions) -> dict[str, Any]:
     def record(arm: str, value: float, fraction: float, seed: int) -> dict[str, Any]:
         key = _key(arm, value, fraction, seed, sources[arm])
         if key not in runs:
-            runs[key] = _run_one(arm, value, fraction, seed, options, settings, data)
+            runs[key] = _run_one(arm, value, fraction, seed, options, settings, data, sources[arm])
             logger.info("%s: accuracy %.4f (%.0f s)", key, runs[key]["accuracy"], runs[key]["seconds"])
             with atomic_output(runs_path) as handle:  # a killed study keeps every run it finished
                 handle.write(json.dumps(list(runs.values()), indent=1).encode())
