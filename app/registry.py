@@ -13,6 +13,7 @@ request that resolved a model keeps it to the end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -58,12 +59,17 @@ class ServedModel:
     def temperature(self) -> float:
         return self.manifest.temperature
 
+    @functools.cached_property
+    def _public_manifest_parts(self) -> dict[str, Any]:
+        """Metrics and lineage without file paths, derived once: the manifest does not change."""
+        return {"metrics": _without_paths(self.manifest.metrics), "lineage": _without_paths(self.manifest.parent)}
+
     def describe(self) -> dict[str, Any]:
         m = self.manifest
         return {
             "name": m.name, "version": self.version, "task": m.task, "architecture": m.architecture,
             "classes": list(m.classes), "preprocessing": m.preprocessing, "calibration": m.calibration,
-            "metrics": _without_paths(m.metrics), "lineage": _without_paths(m.parent),
+            "metrics": self._public_manifest_parts["metrics"], "lineage": self._public_manifest_parts["lineage"],
             "data_fingerprint": m.data_fingerprint,
             "code_version": m.code_version, "created_at": m.created_at, "weights_sha256": m.weights_sha256,
             "device": str(self.device), "runtime": "torchscript" if self.runner.compiled is not None else "eager",
