@@ -23,7 +23,7 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
         **run_options_from_args(args), architecture=getattr(args, "arch", "fastconv"),
         model_config=dict(getattr(args, "config", None) or []), parent=getattr(args, "from_checkpoint", None),
         calibration_from=getattr(args, "calibration_from", None), freeze=getattr(args, "freeze", "auto"),
-        class_weights=getattr(args, "class_weights", "auto"),
+        class_weights=getattr(args, "class_weights", "auto"), split_seed=getattr(args, "split_seed", None),
     ))
 
 
@@ -40,6 +40,9 @@ def add_commands(commands: Any) -> None:
     pretrain.add_argument("--calibration-from", type=Path, metavar="CHECKPOINT",
                           help="with --refit-full: the same recipe trained with its validation split, whose "
                                "temperature and validation metrics the refit takes over")
+    pretrain.add_argument("--split-seed", type=int, metavar="SEED",
+                          help="seed of the validation split (default: --seed); members of one ensemble "
+                               "(python -m training ensemble-image) share it and differ in --seed")
     add_loop_arguments(pretrain)
     pretrain.set_defaults(handler=_image_command)
 

@@ -108,7 +108,8 @@ class ImagePretrainTrainer:
             reference = _tuning_run(options, options.architecture, data.fingerprint)
             return ImageRun(device, data, train=data, validation=None, reference=reference)
         check_enough_examples(data.labels, data.classes)
-        train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, options.seed)
+        split_seed = options.seed if options.split_seed is None else options.split_seed
+        train_idx, val_idx = stratified_split(data.labels, options.validation_fraction, split_seed)
         if options.limit:
             train_idx = train_idx[torch.randperm(len(train_idx), generator=seeded_generator(options.seed))[:options.limit]]
         return ImageRun(device, data, train=data.subset(train_idx), validation=data.subset(val_idx))
@@ -173,7 +174,9 @@ class ImagePretrainTrainer:
         )
         extra = {"train_images": len(run.train), "validation_images": len(run.validation),
                  "train_seconds": sum(row["seconds"] for row in history), "device": str(run.device),
-                 "loop": dataclasses.asdict(fitted.loop), "batch_size": fitted.batch_size, "flip": fitted.flip}
+                 "loop": dataclasses.asdict(fitted.loop), "batch_size": fitted.batch_size, "flip": fitted.flip,
+                 "split": {"fraction": options.validation_fraction,
+                           "seed": options.seed if options.split_seed is None else options.split_seed}}
         summary = finish_checkpoint(options.output, model, manifest, fitted.val_logits, fitted.val_labels, history,
                                     extra_metrics=extra)
         discard_training_state(fitted.state_dir)

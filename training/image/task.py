@@ -111,6 +111,9 @@ class ImageRunOptions(RunOptions):
     # With ``refit_full``: the same recipe and seed, trained with the split and validated on it, whose
     # calibration and validation metrics the refit keeps (training.engine.refit).
     calibration_from: Path | None = None
+    # The validation split's seed when it must differ from ``seed``: ensemble members share one split
+    # (so the ensemble is calibrated on images none of them saw) but not their initialisation.
+    split_seed: int | None = None
     # Fine-tuning (see training.engine.adaptive): auto picks by the size of the data.
     freeze: str = "auto"  # auto | backbone | none
     class_weights: str = "auto"  # auto | balanced | none
