@@ -2,7 +2,7 @@
 
 admit (``MAX_QUEUE``, before any work) → prepare (the runner decodes images or tokenises texts off
 the event loop, within the request's deadline) → batch and forward (the inference worker, across
-clients) → calibrate (the runner: its checkpoint's temperature) → postprocess (``to_prediction``:
+clients) → calibrate (the runner: its checkpoint's calibration map) → postprocess (``to_prediction``:
 label, top-k, every class) → encode (``classify``: the /v1 JSON body; /v2 encodes its own).
 A client that goes away stops its request at whichever stage it has reached.
 """

@@ -28,6 +28,7 @@ from app.repository import ModelDir, VersionDir, scan
 from app.settings import Settings
 from app.tasks import RUNNERS, TaskRunner
 from app.tokenizing import IN_THREAD, TokenizerPool
+from models.calibration import Calibration
 from models.checkpoint import CheckpointError, Manifest, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ class ServedModel:
     version: str = ""  # its version directory's name, else the manifest's version
     fingerprint: str = ""  # of the checkpoint it was loaded from (``app.repository.fingerprint``)
 
+    calibration: Calibration = dataclasses.field(init=False)
+
     def __post_init__(self) -> None:
         self.version = self.version or self.manifest.version
+        self.calibration = Calibration.from_manifest(self.manifest.calibration)  # a bad one refuses the load
 
     @property
     def task(self) -> str:
@@ -54,10 +58,6 @@ class ServedModel:
     @property
     def classes(self) -> list[str]:
         return list(self.manifest.classes)
-
-    @property
-    def temperature(self) -> float:
-        return self.manifest.temperature
 
     @functools.cached_property
     def _public_manifest_parts(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ inputs → per-item payloads, CPU; the service awaits ``prepare_async``, which d
 thread pool and hands texts to the service's ``app.tokenizing.TokenizerPool``, whose worker
 processes take the texts of the requests of one event-loop turn in one call), ``collate`` (payloads
 → a batch of device tensors), ``forward`` (the model call), ``calibrate`` (logits → the calibrated
-distribution, with the checkpoint's fitted temperature) and a warm-up payload. The worker is
+distribution, with the checkpoint's fitted calibration map) and a warm-up payload. The worker is
 generic over runners; each task has a runner here and one entry in ``RUNNERS``: images, texts, and
 image + text pairs (``multimodal``, prepared as ``models.fusion.FUSION_INPUTS`` says).
 """
@@ -25,6 +25,7 @@ from app.errors import InvalidInput
 from app.preprocess import prepare_images
 from app.tokenizing import IN_THREAD, EncoderSource, TokenizerPool, load_encoder
 from app.tracing import Forward, script_text_model, trace_image_model
+from models.calibration import Calibration
 from models.checkpoint import CheckpointError, LoadedCheckpoint
 
 # importing models.fusion registers the fusion architectures (models/__init__ does not import it)
@@ -112,9 +113,9 @@ class TaskRunner(abc.ABC):
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch)  # (B, classes) logits
 
-    def calibrate(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Logits → the calibrated distribution, with the temperature fitted for the checkpoint."""
-        return torch.softmax(logits.float() / temperature, dim=-1)
+    def calibrate(self, logits: torch.Tensor, calibration: Calibration) -> torch.Tensor:
+        """Logits → the calibrated distribution, with the map fitted for the checkpoint."""
+        return calibration.probabilities(logits)
 
     def item_cost(self, payload: Any) -> int:
         """What one payload adds to its batch's work, for the worker's fair queue (see app.worker)."""

@@ -361,7 +361,7 @@ class InferenceWorker:
         with torch.inference_mode(), autocast:
             batch = served.runner.collate(payloads)
             logits = served.runner.forward(served.model, batch)  # (B, classes)
-            return served.runner.calibrate(logits, served.temperature).cpu()  # (B, classes)
+            return served.runner.calibrate(logits, served.calibration).cpu()  # (B, classes)
 
     async def compile(self, served: ServedModel, batch_sizes: Sequence[int]) -> bool:
         """Build ``served``'s TorchScript forward, warm it up on ``batch_sizes`` and put it in use,

@@ -4,6 +4,7 @@ Owns the architectures (registered by name), their config dataclasses, the prepr
 travels with a checkpoint, and the checkpoint format. Imports only torch and the standard library.
 """
 
+from models import ensemble as _ensemble  # noqa: F401
 from models import fusion as _fusion  # noqa: F401  (registers architectures)
 from models import image_cnn as _image_cnn  # noqa: F401
 from models import text_models as _text_models  # noqa: F401

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from models.calibration import Calibration
 from models.checkpoint import load_checkpoint
 from models.preprocessing import ImagePreprocessing
 from training.engine.common import pick_device
@@ -30,7 +31,7 @@ def evaluate_checkpoint(checkpoint: Path, data: Path, batch_size: int = 500, dev
         from training.text.evaluate import text_logits
 
         logits, labels = text_logits(loaded, data, batch_size, torch_device)
-    metrics = classification_metrics(logits, labels, manifest.classes, manifest.temperature)
+    metrics = classification_metrics(logits, labels, manifest.classes, Calibration.from_manifest(manifest.calibration))
     metrics["checkpoint"] = str(checkpoint)
     return metrics
 

@@ -1,8 +1,9 @@
 """Exports a checkpoint for other runtimes: ``python -m training export CHECKPOINT --format onnx|torchscript|triton``.
 
 The exported graph is the checkpoint's model with its calibration folded in: float32 inputs → the
-calibrated probabilities softmax(logits / temperature), (B, classes), that the service answers with
-``PRECISION=fp32`` (a text model's score power is part of its logits already). Beside the graph,
+calibrated probabilities (softmax(logits / temperature), then the top-label map where the manifest has one:
+``models.calibration``), (B, classes), that the service answers with ``PRECISION=fp32`` (a text model's
+score power is part of its logits already). Beside the graph,
 ``model.json`` says what a client sends and gets: the inputs and the output (names, dtypes, shapes,
 ``"batch"`` and ``"tokens"`` being dynamic axes), the classes, the preprocessing from the manifest, and
 the lineage (checkpoint name and version, weights sha256, parent). A text or multimodal export also
@@ -39,6 +40,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from models.calibration import Calibration
 from models.checkpoint import LoadedCheckpoint, load_checkpoint, publish_directory, read_extra_file, sha256_file
 from models.fusion import (
     LateFusionClassifier,
@@ -90,13 +92,13 @@ class TensorSpec:
 # ---- the graph: the model with its calibration folded in ---------------------------------------
 
 class _Calibrated(nn.Module):
-    def __init__(self, model: nn.Module, temperature: float) -> None:
+    def __init__(self, model: nn.Module, calibration: Calibration) -> None:
         super().__init__()
         self.model = model
-        self.temperature = float(temperature)
+        self.calibration = calibration
 
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:  # (B, classes) → (B, classes)
-        return torch.softmax(logits.float() / self.temperature, dim=-1)  # as the service's worker does
+        return self.calibration.probabilities(logits)  # as the service's worker does
 
 
 class CalibratedImageModel(_Calibrated):
@@ -135,16 +137,17 @@ class ExportGraph:
 def build_graph(checkpoint: LoadedCheckpoint) -> ExportGraph:
     """The calibrated float32 module to export (a copy: ``checkpoint.model`` stays the reference)."""
     manifest = checkpoint.manifest
+    calibration = Calibration.from_manifest(manifest.calibration)
     # float16-stored weights become float32 exactly: the copy computes what the model computes
     model = copy.deepcopy(checkpoint.model).float().eval()
     classes = len(manifest.classes)
     if manifest.task == "image":
         size = ImagePreprocessing.from_manifest(manifest).size
         image = TensorSpec("images", torch.float32, ("batch", 3, size, size))
-        return ExportGraph(CalibratedImageModel(model, manifest.temperature), [image], classes)
+        return ExportGraph(CalibratedImageModel(model, calibration), [image], classes)
     if manifest.task == "text":
         tokens = TensorSpec("token_ids", torch.int64, ("batch", "tokens"))
-        return ExportGraph(CalibratedTextModel(model, manifest.temperature), [tokens], classes)
+        return ExportGraph(CalibratedTextModel(model, calibration), [tokens], classes)
     if not isinstance(model, LateFusionClassifier):
         raise ExportError(f"{manifest.architecture!r} cannot be exported: its forward chooses which modalities to run "
                           "from the values of the presence masks, which a static graph cannot hold (fusion_late can)")
@@ -154,7 +157,7 @@ def build_graph(checkpoint: LoadedCheckpoint) -> ExportGraph:
               TensorSpec("image_mask", torch.bool, ("batch",)), TensorSpec("text_mask", torch.bool, ("batch",))]
     if model.sentence_encoder is not None:
         inputs.append(TensorSpec("sentence_ids", torch.int64, ("batch", "pieces")))
-    return ExportGraph(CalibratedLateFusion(model, manifest.temperature), inputs, classes)
+    return ExportGraph(CalibratedLateFusion(model, calibration), inputs, classes)
 
 
 # ---- real inputs to check the export on ----------------------------------------------------------
@@ -241,10 +244,10 @@ def sample_batches(checkpoint: LoadedCheckpoint, samples: Path | None = None) ->
             collate([(i, None) for i in range(3)]), collate([(None, t) for t in range(3)])]
 
 
-def calibrated_probabilities(model: nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
+def calibrated_probabilities(model: nn.Module, batch: Batch, calibration: Calibration) -> torch.Tensor:
     """What the service answers for ``batch`` (its worker's formula, in float32): (B, classes)."""
     with torch.inference_mode():
-        return torch.softmax(model(**batch).float() / temperature, dim=-1)
+        return calibration.probabilities(model(**batch))
 
 
 # ---- writing and running the exported graph -----------------------------------------------------
@@ -385,7 +388,8 @@ def check_export(run: Callable[[Batch], torch.Tensor], checkpoint: LoadedCheckpo
     ``ExportError`` beyond ``TOLERANCE`` (or for a shape mismatch, or a value that is not finite)."""
     worst = 0.0
     for batch in batches:
-        expected = calibrated_probabilities(checkpoint.model, batch, checkpoint.manifest.temperature)
+        expected = calibrated_probabilities(checkpoint.model, batch,
+                                            Calibration.from_manifest(checkpoint.manifest.calibration))
         got = run(batch).float()
         shapes = {name: tuple(tensor.shape) for name, tensor in batch.items()}
         if got.shape != expected.shape:
@@ -424,6 +428,9 @@ def describe(checkpoint: LoadedCheckpoint, graph: ExportGraph, fmt: str, model_p
     manifest = checkpoint.manifest
     calibration: dict[str, Any] = {"temperature": manifest.temperature, "folded_in": True,
                                    "output": "softmax(logits / temperature)"}
+    if "top_label" in manifest.calibration:
+        calibration["top_label"] = manifest.calibration["top_label"]
+        calibration["output"] += ", then the top-label map (models/calibration.py)"
     if "score_power" in manifest.config:  # sign(s)·|s|^p inside the text model's logits
         calibration["score_power"] = manifest.config["score_power"]
     return {

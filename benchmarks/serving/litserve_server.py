@@ -23,6 +23,7 @@ import litserve as ls
 import torch
 
 from app.preprocess import configure_pillow, prepare_image
+from models.calibration import Calibration
 from models.checkpoint import load_checkpoint, read_manifest
 from models.precision import native_autocast_dtype
 from models.preprocessing import ImagePreprocessing
@@ -41,6 +42,7 @@ class ImageClassifierAPI(ls.LitAPI):
         loaded = load_checkpoint(self.checkpoint, device)
         # not ``self.device``: LitServe sets that attribute itself (to a string)
         self.model, self.manifest, self.torch_device = loaded.model, loaded.manifest, torch.device(device)
+        self.calibration = Calibration.from_manifest(self.manifest.calibration)
         self.model.to(memory_format=torch.channels_last)
         self.preprocessing = ImagePreprocessing.from_manifest(self.manifest)
         self.scales = self.preprocessing.scales(device)
@@ -58,7 +60,7 @@ class ImageClassifierAPI(ls.LitAPI):
         with torch.inference_mode(), autocast:
             images = self.preprocessing.normalize(images.to(self.torch_device), self.scales)
             logits = self.model(images.contiguous(memory_format=torch.channels_last))
-            return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
+            return self.calibration.probabilities(logits).cpu()  # (B, classes)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)
@@ -75,6 +77,7 @@ class TextClassifierAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         loaded = load_checkpoint(self.checkpoint, device)
         self.model, self.manifest, self.torch_device = loaded.model, loaded.manifest, torch.device(device)
+        self.calibration = Calibration.from_manifest(self.manifest.calibration)
         self.encoder = load_text_encoder(self.checkpoint, self.manifest)
 
     def decode_request(self, request):  # type: ignore[no-untyped-def]
@@ -87,7 +90,7 @@ class TextClassifierAPI(ls.LitAPI):
     def predict(self, token_ids: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             logits = self.model(token_ids=token_ids.to(self.torch_device))
-            return torch.softmax(logits.float() / self.manifest.temperature, dim=-1).cpu()  # (B, classes)
+            return self.calibration.probabilities(logits).cpu()  # (B, classes)
 
     def unbatch(self, output: torch.Tensor) -> list[torch.Tensor]:
         return list(output)

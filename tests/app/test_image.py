@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from servicekit import encode
+from servicekit import CLASSES, IMAGE_PREPROCESSING, encode
 
-from models.checkpoint import load_checkpoint
+from models import build_model
+from models.calibration import Calibration
+from models.checkpoint import load_checkpoint, new_manifest, save_checkpoint
 
 
 def _files(images: list[bytes], field: str = "files") -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -28,6 +30,13 @@ def _check_prediction(prediction: dict, top_k: int = 5) -> None:
     assert len(listed) == top_k
     assert [entry["probability"] for entry in listed] == sorted(probabilities.values(), reverse=True)[:top_k]
     assert listed[0]["label"] == prediction["label"]
+
+
+def _standardised(jpeg: bytes) -> torch.Tensor:
+    """(1, 3, 32, 32): the test checkpoints' preprocessing of a 32×32 JPEG, done here by hand."""
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=np.float32)  # (32, 32, 3)
+    mean, std = np.array([0.49, 0.48, 0.45]) * 255, np.array([0.25, 0.24, 0.26]) * 255
+    return torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1)).float()[None]
 
 
 def test_classify_returns_one_calibrated_prediction_per_file_in_order(client: httpx.Client, jpegs: list[bytes]) -> None:
@@ -51,12 +60,31 @@ def test_classify_matches_the_checkpoint_with_its_temperature(client: httpx.Clie
     prediction = response.json()["predictions"][0]
     _check_prediction(prediction, top_k=3)
     loaded = load_checkpoint(model_dir / "tiny-lenet")
-    pixels = np.asarray(Image.open(io.BytesIO(jpegs[0])).convert("RGB"), dtype=np.float32)  # (32, 32, 3)
-    mean, std = np.array([0.49, 0.48, 0.45]) * 255, np.array([0.25, 0.24, 0.26]) * 255
-    images = torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1)).float()[None]  # (1, 3, 32, 32)
     with torch.no_grad():
-        expected = torch.softmax(loaded.model(images) / 1.5, dim=-1)[0].tolist()
+        expected = torch.softmax(loaded.model(_standardised(jpegs[0])) / 1.5, dim=-1)[0].tolist()
     assert list(prediction["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+
+
+def test_an_ensemble_with_a_top_label_map_answers_what_its_manifest_says(start_server, tmp_path, jpegs: list[bytes]) -> None:
+    model = build_model("image_ensemble", {"member_architecture": "fastconv", "members": 3,
+                                           "member_config": {"num_classes": 10, "widths": [8, 16, 16]}})
+    calibration = {"temperature": 0.5, "top_label": {"slope": 0.7, "intercept": -0.4}}
+    save_checkpoint(tmp_path / "models" / "tiny-ensemble", model, new_manifest(
+        "tiny-ensemble", "image", "image_ensemble", model.config, classes=CLASSES,  # type: ignore[arg-type]
+        preprocessing=IMAGE_PREPROCESSING, calibration=calibration))
+    server = start_server({"MODEL_DIR": str(tmp_path / "models"), "PRECISION": "fp32", "TOKENIZER_PROCESSES": "1"})
+    server.wait_ready()
+    response = httpx.post(server.url + "/v1/image/classify", files=_files(jpegs[:2]), timeout=60)
+    assert response.status_code == 200, response.text
+    loaded = load_checkpoint(tmp_path / "models" / "tiny-ensemble")
+    with torch.no_grad():
+        expected = Calibration.from_manifest(calibration).probabilities(
+            loaded.model(torch.cat([_standardised(jpeg) for jpeg in jpegs[:2]])))
+        tempered = torch.softmax(loaded.model(torch.cat([_standardised(jpeg) for jpeg in jpegs[:2]])) / 0.5, dim=-1)
+    for prediction, row, tempered_row in zip(response.json()["predictions"], expected, tempered, strict=True):
+        _check_prediction(prediction)
+        assert list(prediction["probabilities"].values()) == pytest.approx(row.tolist(), abs=1e-5)
+        assert prediction["probability"] != pytest.approx(tempered_row.max().item(), abs=1e-3)  # the map, not only T
 
 
 def test_top_k_is_capped_at_the_number_of_classes(client: httpx.Client, jpegs: list[bytes]) -> None:

@@ -35,6 +35,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "ngram_bag": {"vocab_size": VOCAB},
     "fusion_late": {"image": {"widths": [8, 16, 16]}, "text": {"vocab_size": VOCAB, "num_classes": 3, "max_tokens": 16}},
     "fusion_joint": {**TINY_TRUNK, "vocab_size": VOCAB, "max_text_tokens": 16},
+    "image_ensemble": {"member_config": {"num_classes": CLASSES, "widths": [8, 16, 16]}},
 }
 INPUTS = {"images": "image", "token_ids": "text"}  # forward's argument → the modality it carries
 

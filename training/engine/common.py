@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.calibration import Calibration
 from models.checkpoint import Manifest, read_manifest, save_checkpoint, sha256_file
 from training.engine.calibration import calibrate
 from training.engine.metrics import classification_metrics, plot_confusion_matrix, plot_training_curves
@@ -70,10 +71,12 @@ def finish_checkpoint(
     history: list[dict[str, float]],
     extra_files: dict[str, bytes] | None = None,
     extra_metrics: dict[str, Any] | None = None,
+    top_label: bool = False,
 ) -> dict[str, Any]:
-    """Calibrate on the validation logits, record metrics, write the checkpoint and its plots."""
-    calibration = calibrate(val_logits, val_labels)
-    metrics = classification_metrics(val_logits, val_labels, manifest.classes, calibration["temperature"])
+    """Calibrate on the validation logits (``top_label``: try a top-label map too, see
+    ``training.engine.calibration.calibrate``), record metrics, write the checkpoint and its plots."""
+    calibration = calibrate(val_logits, val_labels, top_label=top_label)
+    metrics = classification_metrics(val_logits, val_labels, manifest.classes, Calibration.from_manifest(calibration))
     metrics.update(extra_metrics or {})
     metrics["history"] = history
     manifest = dataclasses.replace(

@@ -8,15 +8,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from models.calibration import Calibration
 from training.engine.calibration import expected_calibration_error
 
 
 def classification_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, classes: list[str], temperature: float = 1.0
+    logits: torch.Tensor, labels: torch.Tensor, classes: list[str], calibration: Calibration | float = 1.0
 ) -> dict[str, Any]:
-    """Accuracy, macro-F1, NLL, ECE (15 bins), per-class accuracy and the confusion matrix."""
-    logits = logits.float() / temperature
-    probabilities = logits.softmax(dim=1)
+    """Accuracy, macro-F1, NLL, ECE (15 bins), per-class accuracy and the confusion matrix, of the
+    calibrated distribution (a bare number is a temperature)."""
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(float(calibration))
+    probabilities = calibration.probabilities(logits)
     predicted = probabilities.argmax(dim=1)
     count = len(classes)
     confusion = torch.bincount(labels * count + predicted, minlength=count * count).view(count, count)
@@ -27,7 +30,7 @@ def classification_metrics(
     return {
         "accuracy": float((predicted == labels).float().mean()),
         "macro_f1": float(f1.mean()),
-        "nll": float(F.cross_entropy(logits, labels)),
+        "nll": float(F.nll_loss(calibration.log_probabilities(logits), labels)),
         "ece": expected_calibration_error(probabilities, labels),
         "count": len(labels),
         "per_class_accuracy": {name: float(recall[i]) for i, name in enumerate(classes)},

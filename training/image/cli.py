@@ -1,8 +1,9 @@
-"""The image commands of ``python -m training``: ``pretrain-image`` and ``finetune-image``.
+"""The image commands of ``python -m training``: ``pretrain-image``, ``ensemble-image``, ``finetune-image``.
 
 ``pretrain-image`` trains an image classifier from scratch (an ImageFolder tree or the CIFAR-10
-python batches); ``finetune-image --from CHECKPOINT`` fits it to a user's own classes, with the
-recipe adapted to the size of the data (``training.image.finetune``).
+python batches); ``ensemble-image`` joins runs of one recipe on one split into one calibrated model
+(``training.image.ensemble``); ``finetune-image --from CHECKPOINT`` fits a model to a user's own
+classes, with the recipe adapted to the size of the data (``training.image.finetune``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def _image_command(args: argparse.Namespace) -> dict[str, Any]:
     ))
 
 
+def _ensemble_command(args: argparse.Namespace) -> dict[str, Any]:
+    from training.image.ensemble import ensemble_image
+
+    return ensemble_image(args.members, args.data, args.output, name=args.name, views=args.views, device=args.device,
+                          command=getattr(args, "command_line", ""))
+
+
 def add_commands(commands: Any) -> None:
     pretrain = commands.add_parser("pretrain-image", help="train an image classifier from scratch")
     pretrain.add_argument("--data", type=Path, required=True, help="ImageFolder tree or CIFAR-10 python-batch folder")
@@ -45,6 +53,17 @@ def add_commands(commands: Any) -> None:
                                "(python -m training ensemble-image) share it and differ in --seed")
     add_loop_arguments(pretrain)
     pretrain.set_defaults(handler=_image_command)
+
+    ensemble = commands.add_parser("ensemble-image", help="join image runs of one recipe and split into one model")
+    ensemble.add_argument("members", type=Path, nargs="+", metavar="CHECKPOINT",
+                          help="pretrain-image runs with one --split-seed and different --seed")
+    ensemble.add_argument("--data", type=Path, required=True, help="the data the members were trained on")
+    ensemble.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
+    ensemble.add_argument("--name", help="model name served by the API (default: the output folder name)")
+    ensemble.add_argument("--views", choices=["flip", "flip-translate"], default="flip",
+                          help="test-time views per member (flip-translate: three times the compute)")
+    ensemble.add_argument("--device", default="auto")
+    ensemble.set_defaults(handler=_ensemble_command)
 
     finetune = commands.add_parser("finetune-image", help="fine-tune an image checkpoint on your own classes")
     finetune.add_argument("--from", dest="from_checkpoint", type=Path, required=True, help="image checkpoint to start from")

@@ -109,6 +109,9 @@ class ImageFinetuneTrainer:
         parent = loaded.manifest
         if parent.task != "image":
             raise ValueError(f"{options.parent} is a {parent.task} checkpoint, not an image one")
+        if parent.architecture == "image_ensemble":
+            raise ValueError(f"{options.parent} is an ensemble; fine-tune from one of its members (its manifest's "
+                             "parent.members names them)")
         if options.limit:
             order = torch.randperm(len(data), generator=seeded_generator(options.seed))
             data = data.subset(order[:options.limit].sort().values)

@@ -178,7 +178,7 @@ class ImagePretrainTrainer:
                  "split": {"fraction": options.validation_fraction,
                            "seed": options.seed if options.split_seed is None else options.split_seed}}
         summary = finish_checkpoint(options.output, model, manifest, fitted.val_logits, fitted.val_labels, history,
-                                    extra_metrics=extra)
+                                    extra_metrics=extra, top_label=True)
         discard_training_state(fitted.state_dir)
         return summary
 
