@@ -6,6 +6,11 @@ and the validation metrics from the manifest, and optionally score each checkpoi
 folder (``--test-data``, e.g. the CIFAR-10 test split as an ImageFolder tree).
 
     python benchmarks/image/train_recipes.py --data .cache/data/train --recipes lenet fastconv
+
+``airbench94`` (``benchmarks/image/airbench94.py``, the efficiency reference) runs for as long as the
+recipe before it took, wall clock on the same machine, so the two compare at equal CPU time:
+
+    python benchmarks/image/train_recipes.py --data .cache/data/train --recipes fastconv airbench94
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,19 +58,44 @@ def run_recipe(name: str, data: Path, output_dir: Path, test_data: Path | None) 
     return row
 
 
+def run_airbench(data: Path, output_dir: Path, budget_seconds: float | None) -> dict[str, object]:
+    output = output_dir / "bench-airbench94.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "image" / "airbench94.py"), "--data", str(data),
+               "--output", str(output)]
+    if budget_seconds is not None:
+        command += ["--budget-seconds", str(round(budget_seconds))]
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    result = json.loads(output.read_text())
+    return {"recipe": "airbench94", "wall_seconds": round(time.perf_counter() - started, 1),
+            "train_seconds": result["history"][-1]["seconds"], "val_accuracy": result["val_accuracy"],
+            "val_accuracy_without_tta": result["val_accuracy_without_tta"], "epochs": result["epochs"],
+            "command": " ".join(command[1:])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--test-data", type=Path)
-    parser.add_argument("--recipes", nargs="+", default=["lenet", "fastconv"], choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="+", default=["lenet", "fastconv"], choices=[*sorted(RECIPES), "airbench94"])
     parser.add_argument("--output-dir", type=Path, default=ROOT / "runs")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "image_training.md")
     args = parser.parse_args()
-    rows = [run_recipe(name, args.data, args.output_dir, args.test_data) for name in args.recipes]
-    columns = [c for c in rows[0] if c != "command"]
+    rows: list[dict[str, object]] = []
+    for name in args.recipes:
+        if name == "airbench94":  # as long as the recipe before it took: equal CPU time
+            budget = float(cast(float, rows[-1]["wall_seconds"])) if rows else None
+            rows.append(run_airbench(args.data, args.output_dir, budget))
+        else:
+            rows.append(run_recipe(name, args.data, args.output_dir, args.test_data))
+    if len(rows) >= 2 and rows[-1]["recipe"] == "airbench94":
+        ratio = float(cast(float, rows[-2]["val_accuracy"])) / float(cast(float, rows[-1]["val_accuracy"]))
+        rows[-2]["accuracy_vs_airbench94"] = round(ratio, 4)
+    columns = list(dict.fromkeys(c for row in rows for c in row if c != "command"))
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+        cells = (row.get(c, "") for c in columns)
+        lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells) + " |")
     lines += ["", "Commands:", *[f"- `{row['command']}`" for row in rows]]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n")
