@@ -25,6 +25,8 @@ LATENCY = Histogram("crossmodal_http_request_duration_seconds", "HTTP request la
 IN_FLIGHT = Gauge("crossmodal_http_requests_in_flight", "HTTP requests being answered")
 PREPROCESS = Histogram("crossmodal_preprocess_seconds", "time to decode or tokenise one request's inputs",
                        ["model"], buckets=_LATENCY_BUCKETS)
+FROZEN_OBJECTS = Gauge("crossmodal_gc_frozen_objects",
+                       "objects out of the cyclic collector's reach (app.lifecycle.freeze_heap)")
 QUEUE_DEPTH = Gauge("crossmodal_queue_depth", "items waiting for the inference worker")
 QUEUE_WAIT = Histogram("crossmodal_queue_wait_seconds", "time an item waits before its batch starts", ["model"],
                        buckets=_LATENCY_BUCKETS)

@@ -21,7 +21,6 @@ import contextlib
 import json
 import shutil
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -156,12 +155,19 @@ def run_slowloris(port: int, sockets: int, stop: threading.Event, record: Record
         sock.close()
 
 
+def percentile(values: list[float], fraction: float) -> float:
+    """The value ``fraction`` of the way up the sorted values (nan for none)."""
+    ordered = sorted(values) or [float("nan")]
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 class Watch:
     """Polls /healthz every 50 ms and samples the process tree's RSS every 100 ms."""
 
     def __init__(self, server: harness.ServerProcess) -> None:
         self.server = server
         self.health_worst_s = 0.0
+        self.health_seconds: list[float] = []
         self.health_failures = 0
         self.peak_rss_mb = 0.0
         self.stop = threading.Event()
@@ -179,7 +185,8 @@ class Watch:
                         self.health_failures += 1
                 except httpx.HTTPError:
                     self.health_failures += 1
-                self.health_worst_s = max(self.health_worst_s, time.perf_counter() - started)
+                self.health_seconds.append(time.perf_counter() - started)
+                self.health_worst_s = max(self.health_worst_s, self.health_seconds[-1])
                 self.stop.wait(0.05)
 
     def _memory(self) -> None:
@@ -195,7 +202,9 @@ class Watch:
         self.stop.set()
         for thread in self.threads:
             thread.join()
+        slow = sum(seconds > 0.1 for seconds in self.health_seconds)
         return {"healthz_worst_ms": 1000 * self.health_worst_s, "healthz_failures": self.health_failures,
+                "healthz_p99_ms": 1000 * percentile(self.health_seconds, 0.99), "healthz_over_100ms": slow,
                 "peak_rss_tree_mb": self.peak_rss_mb}
 
 
@@ -228,10 +237,8 @@ def python_client(url: str, seconds: float, rate: float) -> dict[str, Any]:
         time.sleep(1 / rate)
     for thread in threads:
         thread.join()
-    ordered = sorted(latencies) or [float("nan")]
     return {"requests": len(latencies), "errors": errors, "rps": len(latencies) / seconds,
-            "p50_ms": 1000 * statistics.median(ordered), "p99_ms": 1000 * ordered[min(len(ordered) - 1,
-                                                                                        int(0.99 * len(ordered)))],
+            "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99),
             "tool": "python"}
 
 
@@ -314,6 +321,8 @@ def report(results: dict[str, Any]) -> str:
         ("normal client p50", lambda p: f"{p['client']['p50_ms']:.1f} ms"),
         ("normal client p99", lambda p: f"{p['client']['p99_ms']:.1f} ms"),
         ("/healthz worst (polled every 50 ms)", lambda p: f"{p['healthz_worst_ms']:.1f} ms"),
+        ("/healthz p99", lambda p: f"{p.get('healthz_p99_ms', float('nan')):.1f} ms"),
+        ("/healthz answers over 100 ms", lambda p: str(p.get("healthz_over_100ms", "—"))),
         ("/healthz failures", lambda p: str(p["healthz_failures"])),
         ("peak RSS, process tree", lambda p: f"{p['peak_rss_tree_mb']:.0f} MB"),
         ("load generator CPU (this process)", lambda p: f"{p['load_generator_cpu_s']:.1f} s"),
