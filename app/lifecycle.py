@@ -172,6 +172,8 @@ class Service:
             except Exception:  # the eager model goes on serving
                 logger.exception("building the TorchScript forward of %s failed; it runs eagerly", served.name)
         if built:
+            # only the young generations: what requests left in flight is young, the loaded heap frozen
+            gc.collect(1)
             freeze_heap(collect=False)
             logger.info("TorchScript forwards of %s in use, %.2f s after ready", ", ".join(built),
                         time.monotonic() - started)
@@ -189,7 +191,11 @@ class Service:
         """Serve ``registry`` from now on (a reload's swap: requests resolve their model once, so one
         that resolved a model of the old registry finishes on it)."""
         self.registry = registry
-        freeze_heap(collect=False)
+        # The replaced models must be collectable once the requests still on them finish: thaw now,
+        # and freeze again (after one full collection) when those requests are past their deadline.
+        gc.unfreeze()
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.settings.request_timeout + 1, lambda: loop.create_task(asyncio.to_thread(freeze_heap, True)))
         self._start_tokenizer(registry)  # no-op but for its encoders when running already
 
     def _install_sighup_handler(self) -> None:

@@ -4,7 +4,8 @@ Every model divides its logits by a fitted temperature before the softmax. A mod
 *top-label map*: its top class's probability c becomes sigmoid(slope · logit(c) + intercept), and the
 other classes share 1 − c' in their old proportions. One temperature is set by the bulk of confident
 predictions; a long-trained CNN is then still over-confident in the middle (0.5–0.9), which the two
-extra parameters fix without touching the ranking (the top class stays on top: see ``_top_probability``).
+extra parameters fix without touching the ranking (the top class stays on top: see ``_remap_top_label``).
+It is computed in log space from the logits, so a saturated row still sums to 1.
 
 Training fits the map (``training.engine.calibration``); the service, the exported graphs and the
 metrics all apply it through ``Calibration.probabilities``, so one formula serves all of them.
@@ -22,13 +23,14 @@ import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError
 
-# Keeps logit(c) finite for c of exactly 0 or 1 (float32 softmax saturates).
-_EDGE = 1e-7
-_RANK_MARGIN = 1e-6
+# In log-odds: the top class stays strictly above the runner-up, so a tie cannot hand it the label.
+_RANK_MARGIN = 1e-4
 
 
 @dataclasses.dataclass(frozen=True)
 class TopLabelMap:
+    """logit(c') = slope · logit(c) + intercept for the tempered top probability c."""
+
     slope: float
     intercept: float
 
@@ -38,12 +40,16 @@ class TopLabelMap:
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
+    """A checkpoint's calibration map: a temperature, then the top-label map if it has one."""
+
     temperature: float = 1.0
     top_label: TopLabelMap | None = None
 
     @classmethod
-    def from_manifest(cls, calibration: Mapping[str, Any]) -> Calibration:
+    def from_manifest(cls, calibration: Any) -> Calibration:
         """The map a manifest's ``calibration`` describes; a checkpoint with nonsense in it is refused."""
+        if not isinstance(calibration, Mapping):
+            raise CheckpointError("calibration must be an object with a temperature")
         temperature = _positive_number(calibration.get("temperature", 1.0), "calibration.temperature")
         top_label = calibration.get("top_label")
         if top_label is None:
@@ -56,10 +62,10 @@ class Calibration:
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits → (B, classes) calibrated probabilities, in float32."""
-        probabilities = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_label is None or probabilities.shape[-1] < 2:
-            return probabilities
-        return _remap_top_label(probabilities, self.top_label)
+        scaled = logits.float() / self.temperature
+        if self.top_label is None or scaled.shape[-1] < 2:
+            return torch.softmax(scaled, dim=-1)
+        return _remap_top_label(scaled, self.top_label)
 
     def log_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """log of ``probabilities``, exact (log-softmax) when there is no top-label map (NLL, scoring)."""
@@ -68,26 +74,37 @@ class Calibration:
         return self.probabilities(logits).clamp_min(1e-12).log()
 
 
-def _remap_top_label(probabilities: torch.Tensor, mapping: TopLabelMap) -> torch.Tensor:
-    top2 = probabilities.topk(2, dim=-1).values
-    top, second = top2[..., :1], top2[..., 1:]
-    new_top = _top_probability(top, second, mapping)
-    is_top = F.one_hot(probabilities.argmax(dim=-1), probabilities.shape[-1]).bool()
-    # The others keep their proportions; (1 − top) is at least _EDGE so a saturated row stays finite.
-    rest = probabilities * (1 - new_top) / (1 - top).clamp_min(_EDGE)
-    return torch.where(is_top, new_top.expand_as(probabilities), rest)
+@dataclasses.dataclass(frozen=True)
+class TopLabelParts:
+    """A row's top class split from the rest, in log space: no probability is rounded to 0 or 1 first."""
+
+    is_top: torch.Tensor  # (B, classes) bool: the predicted class
+    others: torch.Tensor  # (B, classes) the scaled logits with the top one at −inf
+    log_odds: torch.Tensor  # (B, 1) logit(c) = z_top − logsumexp(z_others)
+    runner_up_log_odds: torch.Tensor  # (B, 1) the runner-up's share of the others, as a log-odds bound
 
 
-def _top_probability(top: torch.Tensor, second: torch.Tensor, mapping: TopLabelMap) -> torch.Tensor:
-    """sigmoid(slope · logit(top) + intercept), never below the rescaled runner-up.
+def top_label_parts(scaled: torch.Tensor) -> TopLabelParts:
+    """``scaled`` (B, classes): logits divided by the temperature."""
+    is_top = F.one_hot(scaled.argmax(dim=-1), scaled.shape[-1]).bool()
+    top = scaled.masked_fill(~is_top, float("-inf")).amax(dim=-1, keepdim=True)
+    others = scaled.masked_fill(is_top, float("-inf"))
+    rest = torch.logsumexp(others, dim=-1, keepdim=True)
+    return TopLabelParts(is_top, others, top - rest, others.amax(dim=-1, keepdim=True) - rest)
 
-    With the others scaled by (1 − c') / (1 − c), the top class stays on top iff
-    c' ≥ second / (1 − c + second): the map changes confidences, never the predicted class (a hair
-    above that bound, so that a tie cannot hand the label to the runner-up).
+
+def _remap_top_label(scaled: torch.Tensor, mapping: TopLabelMap) -> torch.Tensor:
+    """The top class gets sigmoid(ℓ'), the others share sigmoid(−ℓ') in their old proportions.
+
+    ℓ' = slope · logit(c) + intercept, kept a hair above the log-odds at which the runner-up would
+    draw level (its share q of the others must stay below c'/(1 − c')): the map changes confidences,
+    never the predicted class.
     """
-    mapped = torch.sigmoid(mapping.slope * torch.logit(top.clamp(_EDGE, 1 - _EDGE)) + mapping.intercept)
-    keeps_rank = second / (1 - top + second).clamp_min(_EDGE) + _RANK_MARGIN
-    return torch.minimum(torch.maximum(mapped, keeps_rank), torch.ones_like(top))
+    parts = top_label_parts(scaled)
+    mapped = mapping.slope * parts.log_odds + mapping.intercept
+    log_odds = torch.maximum(mapped, parts.runner_up_log_odds + _RANK_MARGIN)
+    shares = torch.softmax(parts.others, dim=-1)  # 0 at the top class
+    return torch.where(parts.is_top, torch.sigmoid(log_odds).expand_as(scaled), shares * torch.sigmoid(-log_odds))
 
 
 def _finite_number(value: Any, where: str) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 from models.registry import build_model, register_model
 
 MAX_MEMBERS = 8  # a manifest asking for more is refused before anything is allocated
+MEMBER_ARCHITECTURES = ("fastconv", "lenet")  # single image classifiers with a traceable forward
 
 
 @dataclasses.dataclass
@@ -29,12 +30,15 @@ class ImageEnsembleConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.members <= MAX_MEMBERS:
             raise ValueError(f"an ensemble has 2 to {MAX_MEMBERS} members, not {self.members}")
-        if self.member_architecture == "image_ensemble":
-            raise ValueError("an ensemble's members cannot be ensembles")
+        if self.member_architecture not in MEMBER_ARCHITECTURES:
+            raise ValueError(f"an ensemble's members are one of {', '.join(MEMBER_ARCHITECTURES)}, "
+                             f"not {self.member_architecture!r}")
+        if not isinstance(self.member_config, dict):
+            raise ValueError("an ensemble's member_config must be an object")
 
 
 class ImageEnsemble(nn.Module):
-    traceable: ClassVar[bool] = True  # a fixed sequence of traceable members
+    traceable: ClassVar[bool] = True  # a fixed sequence of members of traceable architectures
 
     def __init__(self, config: ImageEnsembleConfig) -> None:
         super().__init__()

@@ -237,6 +237,7 @@
     const validation = (info && info.metrics && info.metrics.validation) || {};
     const parts = [];
     if (typeof calibration.temperature === "number") parts.push(`temperature ${calibration.temperature.toFixed(2)}`);
+    if (calibration.top_label) parts.push("top-label map");
     const ece = typeof calibration.ece_after === "number" ? calibration.ece_after : validation.ece;
     if (typeof ece === "number") {
       let text = `ECE ${formatPercent(ece)}`;

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from models.calibration import Calibration, TopLabelMap
+from models.calibration import Calibration, TopLabelMap, top_label_parts
 from models.text_models import signed_power
 
+MIN_ERRORS = 30  # wrong predictions a top-label map needs to be fitted on
+KEEP_MAP_BELOW = 0.9  # the map's out-of-fold ECE, as a share of the temperature's, for it to be kept
 SCORE_POWERS = tuple(round(1.0 + 0.1 * step, 1) for step in range(16))  # 1.0 … 2.5
 
 
@@ -44,25 +47,28 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(log_temperature.detach().exp().clamp(0.05, 20.0))
 
 
-def fit_top_label_map(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> TopLabelMap:
-    """Slope and intercept of sigmoid(a · logit(c) + b) for the tempered top probability c, fitted by the
-    log-loss of "the top class is right" on held-out data."""
-    probabilities = (logits.detach().double() / temperature).softmax(dim=1)
-    top, predicted = probabilities.max(dim=1)
-    correct = (predicted == labels).double()
-    features = torch.logit(top.clamp(1e-7, 1 - 1e-7))
+def fit_top_label_map(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> TopLabelMap | None:
+    """Slope and intercept of logit(c') = a · logit(c) + b for the tempered top probability c, fitted by
+    the log-loss of "the top class is right" on held-out data; None when the data cannot support two
+    more parameters (fewer than ``MIN_ERRORS`` wrong predictions, or a fit that is not finite)."""
+    log_odds = top_label_parts(logits.detach().double() / temperature).log_odds.squeeze(-1)
+    correct = (logits.argmax(dim=1) == labels).double()
+    if int((correct == 0).sum()) < MIN_ERRORS:
+        return None
     parameters = torch.tensor([1.0, 0.0], dtype=torch.double, requires_grad=True)
     optimizer = torch.optim.LBFGS([parameters], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(parameters[0] * features + parameters[1], correct)
+        loss = F.binary_cross_entropy_with_logits(parameters[0] * log_odds + parameters[1], correct)
         loss.backward()
         return loss
 
     optimizer.step(closure)
     slope, intercept = (float(value) for value in parameters.detach())
-    return TopLabelMap(min(max(slope, 0.05), 20.0), intercept)
+    if not (math.isfinite(slope) and math.isfinite(intercept)):
+        return None
+    return TopLabelMap(min(max(slope, 0.05), 20.0), min(max(intercept, -10.0), 10.0))
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, top_label: bool = False) -> Calibration:
@@ -89,8 +95,8 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, top_label: bool = Fals
     """Fit the calibration map on (logits, labels); report ECE and NLL before and after.
 
     With ``top_label`` a top-label map is fitted after the temperature, and kept only if it lowers the
-    out-of-fold ECE (both figures are recorded): two parameters more must earn their place on data
-    they were not fitted on.
+    out-of-fold ECE by a tenth or more (both figures are recorded): two parameters more must earn their
+    place on data they were not fitted on, by more than the noise of halving the split.
     """
     calibration = fit_calibration(logits, labels, top_label=False)
     report: dict[str, Any] = {}
@@ -98,7 +104,8 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, top_label: bool = Fals
         with_map = fit_calibration(logits, labels, top_label=True)
         report["ece_out_of_fold"] = {"temperature": out_of_fold_ece(logits, labels, top_label=False),
                                      "top_label": out_of_fold_ece(logits, labels, top_label=True)}
-        if report["ece_out_of_fold"]["top_label"] < report["ece_out_of_fold"]["temperature"]:
+        if with_map.top_label is not None and \
+                report["ece_out_of_fold"]["top_label"] < KEEP_MAP_BELOW * report["ece_out_of_fold"]["temperature"]:
             calibration = with_map
     after = calibration.probabilities(logits)
     result: dict[str, Any] = {

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from models.checkpoint import Manifest, load_state_dict, new_manifest, read_manifest
-from models.ensemble import MAX_MEMBERS, ImageEnsemble, ImageEnsembleConfig
+from models.ensemble import MAX_MEMBERS, MEMBER_ARCHITECTURES, ImageEnsemble, ImageEnsembleConfig
 from models.preprocessing import ImagePreprocessing
 from training.engine.common import finish_checkpoint, lineage, pick_device
 from training.engine.loop import predict_logits
-from training.image.data import load_image_folder, stratified_split
+from training.image.data import ImageDataset, load_image_folder, stratified_split
 from training.image.task import evaluation_batches
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,11 @@ class Split:
 
 def member_split(manifest: Manifest) -> Split:
     """The validation split a member was trained with. Manifests written before the split was recorded
-    give it through the run's seed and its share of validation images."""
+    give it through the run's seed and its share of validation images (checked against the data by
+    ``held_out``)."""
     validation = manifest.metrics.get("validation", {})
+    if validation.get("refit_full") or validation.get("measured_on"):
+        raise ValueError(f"{manifest.name} is a refit on every image: it has no validation split to share")
     recorded = validation.get("split")
     if recorded is not None:
         return Split(float(recorded["fraction"]), int(recorded["seed"]))
@@ -58,6 +61,17 @@ def member_split(manifest: Manifest) -> Split:
     return Split(round(held / (held + trained), 4), seed)
 
 
+def held_out(dataset: ImageDataset, manifests: list[Manifest], split: Split) -> ImageDataset:
+    """The validation images the members share; refused unless there are as many as each member held out."""
+    _, indices = stratified_split(dataset.labels, split.fraction, split.seed)
+    for manifest in manifests:
+        recorded = manifest.metrics.get("validation", {}).get("validation_images")
+        if recorded is not None and recorded != len(indices):
+            raise ValueError(f"{manifest.name} held out {recorded} images, the split gives {len(indices)}: it was "
+                             "not trained with this split of this data (a --limit run?)")
+    return dataset.subset(indices)
+
+
 def _comparable_config(manifest: Manifest) -> dict[str, Any]:
     return {key: value for key, value in manifest.config.items() if key not in ("tta_flip", "tta_translate")}
 
@@ -67,9 +81,9 @@ def check_members(manifests: list[Manifest]) -> Split:
     if not 2 <= len(manifests) <= MAX_MEMBERS:
         raise ValueError(f"an ensemble needs 2 to {MAX_MEMBERS} members, got {len(manifests)}")
     first = manifests[0]
-    if first.task != "image" or first.architecture == "image_ensemble":
-        raise ValueError(f"{first.name}: members must be single image models, not {first.task} "
-                         f"{first.architecture!r}")
+    if first.task != "image" or first.architecture not in MEMBER_ARCHITECTURES:
+        raise ValueError(f"{first.name}: members must be image models of {', '.join(MEMBER_ARCHITECTURES)}, "
+                         f"not {first.task} {first.architecture!r}")
     split = member_split(first)
     for other in manifests[1:]:
         differences = [what for what, same in (
@@ -88,35 +102,35 @@ def check_members(manifests: list[Manifest]) -> Split:
     return split
 
 
-def build_ensemble(members: list[Path], views: str) -> tuple[ImageEnsemble, list[Manifest]]:
-    """The ensemble module with every member's weights, and the members' manifests."""
-    manifests = [read_manifest(member) for member in members]
-    check_members(manifests)
-    member_config = {**manifests[0].config, **VIEWS[views]}
+def build_ensemble(members: list[Path], manifests: list[Manifest], views: str) -> ImageEnsemble:
+    """The ensemble module with every member's weights (the views where the architecture has them)."""
+    member_config = {**manifests[0].config, **{key: value for key, value in VIEWS[views].items()
+                                               if key in manifests[0].config}}
     model = ImageEnsemble(ImageEnsembleConfig(manifests[0].architecture, member_config, len(members)))
     for index, member in enumerate(members):
         state, _ = load_state_dict(member)
         model.members[index].load_state_dict(state)
-    return model.eval(), manifests
+    return model.eval()
 
 
 def ensemble_image(members: list[Path], data: Path, output: Path, name: str | None = None, views: str = "flip",
                    device: str = "auto", command: str = "") -> dict[str, Any]:
-    model, manifests = build_ensemble(members, views)
+    manifests = [read_manifest(member) for member in members]
     split = check_members(manifests)
+    model = build_ensemble(members, manifests, views)
     dataset = load_image_folder(data, size=ImagePreprocessing.from_manifest(manifests[0]).size)
     if dataset.fingerprint != manifests[0].data_fingerprint:
         raise ValueError(f"{data} is not the data the members were trained on (fingerprint "
                          f"{dataset.fingerprint[:12]}, theirs {manifests[0].data_fingerprint[:12]})")
-    _, validation_indices = stratified_split(dataset.labels, split.fraction, split.seed)
-    validation = dataset.subset(validation_indices)
+    validation = held_out(dataset, manifests, split)
+    labels = validation.labels
     preprocessing = ImagePreprocessing.from_manifest(manifests[0])
     torch_device = pick_device(device)
     model = model.to(torch_device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     member_logits = []
     for index, member in enumerate(model.members):
-        logits, labels = predict_logits(member, evaluation_batches(validation, preprocessing), torch_device)
+        logits, _ = predict_logits(member, evaluation_batches(validation, preprocessing), torch_device)
         member_logits.append(logits)
         logger.info("member %d (%s): %.2f%% of %d validation images", index, manifests[index].name,
                     100 * float((logits.argmax(1) == labels).float().mean()), len(labels))

@@ -81,6 +81,17 @@ def test_members_that_cannot_be_one_model_are_refused(members: dict[str, Path], 
     assert not (tmp_path / "joined").exists()
 
 
+def test_a_refit_member_is_refused(members: dict[str, Path], cifar_subset: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    refit = tmp_path / "refit"
+    shutil.copytree(members["b"], refit)
+    manifest = json.loads((refit / "manifest.json").read_text())
+    manifest["metrics"]["validation"]["refit_full"] = True  # trained on every image, its split included
+    (refit / "manifest.json").write_text(json.dumps(manifest))
+    assert _ensemble([members["a"], refit], cifar_subset, tmp_path / "joined") == 2
+    assert "is a refit on every image: it has no validation split to share" in capsys.readouterr().err
+
+
 def test_other_data_than_the_members_saw_is_refused(members: dict[str, Path], cifar_subset: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     other = tmp_path / "other"
