@@ -1,8 +1,9 @@
 """The calibration map a checkpoint's manifest carries: logits → the distribution the service answers.
 
 Every model divides its logits by a fitted temperature before the softmax. A model may also carry a
-*top-label map*: its top class's probability c becomes sigmoid(slope · logit(c) + intercept), and the
-other classes share 1 − c' in their old proportions. One temperature is set by the bulk of confident
+*top-label map*, beta calibration of its top class's probability (Kull et al., 2017): c becomes
+sigmoid(a · log c − b · log(1 − c) + m), and the other classes share 1 − c' in their old proportions
+(a = b is Platt scaling of logit(c)). One temperature is set by the bulk of confident
 predictions; a long-trained CNN is then still over-confident in the middle (0.5–0.9), which the two
 extra parameters fix without touching the ranking (the top class stays on top: see ``_remap_top_label``).
 It is computed in log space from the logits, so a saturated row still sums to 1.
@@ -29,13 +30,20 @@ _RANK_MARGIN = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class TopLabelMap:
-    """logit(c') = slope · logit(c) + intercept for the tempered top probability c."""
+    """logit(c') = log_top_weight · log c − log_rest_weight · log(1 − c) + intercept for the tempered
+    top probability c; both weights positive, so c' rises with c."""
 
-    slope: float
+    log_top_weight: float
+    log_rest_weight: float
     intercept: float
 
     def to_dict(self) -> dict[str, float]:
-        return {"slope": self.slope, "intercept": self.intercept}
+        return dataclasses.asdict(self)
+
+    def log_odds(self, log_odds: torch.Tensor) -> torch.Tensor:
+        """logit(c) → logit(c'), through log c = −softplus(−logit c) and log(1 − c) = −softplus(logit c)."""
+        return (self.log_rest_weight * F.softplus(log_odds) - self.log_top_weight * F.softplus(-log_odds)
+                + self.intercept)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,10 +63,12 @@ class Calibration:
         if top_label is None:
             return cls(temperature)
         if not isinstance(top_label, Mapping):
-            raise CheckpointError("calibration.top_label must be an object with slope and intercept")
-        slope = _positive_number(top_label.get("slope"), "calibration.top_label.slope")
-        intercept = _finite_number(top_label.get("intercept"), "calibration.top_label.intercept")
-        return cls(temperature, TopLabelMap(slope, intercept))
+            raise CheckpointError("calibration.top_label must be an object with log_top_weight, log_rest_weight "
+                                  "and intercept")
+        return cls(temperature, TopLabelMap(
+            _positive_number(top_label.get("log_top_weight"), "calibration.top_label.log_top_weight"),
+            _positive_number(top_label.get("log_rest_weight"), "calibration.top_label.log_rest_weight"),
+            _finite_number(top_label.get("intercept"), "calibration.top_label.intercept")))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits → (B, classes) calibrated probabilities, in float32."""
@@ -96,12 +106,12 @@ def top_label_parts(scaled: torch.Tensor) -> TopLabelParts:
 def _remap_top_label(scaled: torch.Tensor, mapping: TopLabelMap) -> torch.Tensor:
     """The top class gets sigmoid(ℓ'), the others share sigmoid(−ℓ') in their old proportions.
 
-    ℓ' = slope · logit(c) + intercept, kept a hair above the log-odds at which the runner-up would
-    draw level (its share q of the others must stay below c'/(1 − c')): the map changes confidences,
-    never the predicted class.
+    ℓ' is the map's log-odds, kept a hair above those at which the runner-up would draw level (its
+    share q of the others must stay below c'/(1 − c')): the map changes confidences, never the
+    predicted class.
     """
     parts = top_label_parts(scaled)
-    mapped = mapping.slope * parts.log_odds + mapping.intercept
+    mapped = mapping.log_odds(parts.log_odds)
     log_odds = torch.maximum(mapped, parts.runner_up_log_odds + _RANK_MARGIN)
     shares = torch.softmax(parts.others, dim=-1)  # 0 at the top class
     return torch.where(parts.is_top, torch.sigmoid(log_odds).expand_as(scaled), shares * torch.sigmoid(-log_odds))

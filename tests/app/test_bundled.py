@@ -32,6 +32,20 @@ def test_the_image_initialised_text_model_names_the_image_checkpoint_it_came_fro
     assert info["calibration"]["temperature"] > 0 and info["metrics"]["validation"]["accuracy"] > 0.8
 
 
+def test_the_default_image_model_is_the_ensemble_of_two_bundled_runs(bundled_server: Server) -> None:
+    listing = httpx.get(f"{bundled_server.url}/v1/models", timeout=10).json()
+    assert listing["defaults"]["image"] == "cifar10-ensemble"
+    info = httpx.get(f"{bundled_server.url}/v1/models/cifar10-ensemble", timeout=10).json()
+    assert info["architecture"] == "image_ensemble"
+    members = info["lineage"]["members"]
+    assert [member["name"] for member in members] == ["cifar10-fastconv", "cifar10-fastconv-s1"]
+    assert members[0]["weights_sha256"] == read_manifest(BUNDLED / "cifar10-fastconv").weights_sha256
+    assert all("path" not in member for member in members)
+    validation = info["metrics"]["validation"]
+    assert validation["accuracy"] > max(member["accuracy"] for member in validation["members"])
+    assert set(info["calibration"]["top_label"]) == {"log_top_weight", "log_rest_weight", "intercept"}
+
+
 def test_no_lineage_in_the_public_api_names_a_file_path(bundled_server: Server) -> None:
     def keys(value: object) -> set[str]:
         if isinstance(value, dict):

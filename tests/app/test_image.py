@@ -68,7 +68,8 @@ def test_classify_matches_the_checkpoint_with_its_temperature(client: httpx.Clie
 def test_an_ensemble_with_a_top_label_map_answers_what_its_manifest_says(start_server, tmp_path, jpegs: list[bytes]) -> None:
     model = build_model("image_ensemble", {"member_architecture": "fastconv", "members": 3,
                                            "member_config": {"num_classes": 10, "widths": [8, 16, 16]}})
-    calibration = {"temperature": 0.5, "top_label": {"slope": 0.7, "intercept": -0.4}}
+    calibration = {"temperature": 0.5, "top_label": {"log_top_weight": 0.7, "log_rest_weight": 1.2,
+                                                         "intercept": -0.4}}
     save_checkpoint(tmp_path / "models" / "tiny-ensemble", model, new_manifest(
         "tiny-ensemble", "image", "image_ensemble", model.config, classes=CLASSES,  # type: ignore[arg-type]
         preprocessing=IMAGE_PREPROCESSING, calibration=calibration))

@@ -179,8 +179,9 @@ def test_page_classifies_a_chosen_image_with_any_image_model(bundled_server: Ser
     url = bundled_server.url
     _open(browser, url)
     browser.find_element(By.ID, "image-input").send_keys(str(photo))
-    assert _options(browser) == ["cifar10-fastconv", "cifar10-trunk"]  # image models only, the default first
-    for name in ("cifar10-fastconv", "cifar10-trunk"):
+    image_models = ["cifar10-ensemble", "cifar10-fastconv", "cifar10-trunk"]
+    assert _options(browser) == image_models  # image models only, the default first
+    for name in image_models:
         Select(browser.find_element(By.ID, "model-select")).select_by_value(name)
         shown = _classify_and_read(browser, 10)
         info = _model(url, name)
@@ -190,6 +191,7 @@ def test_page_classifies_a_chosen_image_with_any_image_model(bundled_server: Ser
         assert shown["model"].startswith(f"{name} (version ")
         assert f"temperature {info['calibration']['temperature']:.2f}" in shown["calibration"]
         assert "ECE " in shown["calibration"]
+        assert ("top-label map" in shown["calibration"]) == ("top_label" in info["calibration"])
 
 
 def test_page_classifies_a_typed_text_with_either_text_model(bundled_server: Server, browser) -> None:

@@ -315,12 +315,13 @@ def _wrong_classes(directory: Path) -> None:
 
 def _nonsense_calibration(directory: Path) -> None:
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    manifest["calibration"] = {"temperature": 1.0, "top_label": {"slope": -2.0, "intercept": 0.0}}
+    manifest["calibration"] = {"temperature": 1.0, "top_label": {"log_top_weight": -2.0, "log_rest_weight": 1.0,
+                                                               "intercept": 0.0}}
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(("corrupt", "reason"), [
-    (_nonsense_calibration, "calibration.top_label.slope must be positive, got -2.0"),
+    (_nonsense_calibration, "calibration.top_label.log_top_weight must be positive, got -2.0"),
     (_bad_safetensors, "SafetensorError: Error while deserializing header"),
     (_file_outside, "manifest file name '../../outside.json' leads outside the checkpoint directory"),
     (_wrong_classes, "model 'victim' outputs 10 scores but its manifest lists 3 classes; it is not served")])

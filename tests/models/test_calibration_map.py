@@ -12,7 +12,7 @@ from models.calibration import Calibration, TopLabelMap
 from models.checkpoint import CheckpointError
 from training.engine.calibration import calibrate, expected_calibration_error, fit_calibration, out_of_fold_ece
 
-MAP = Calibration(0.7, TopLabelMap(slope=0.8, intercept=-0.4))
+MAP = Calibration(0.7, TopLabelMap(log_top_weight=0.8, log_rest_weight=1.3, intercept=-0.4))
 
 
 def _hard_logits() -> torch.Tensor:
@@ -38,9 +38,10 @@ def test_the_top_label_map_keeps_a_distribution_and_the_ranking() -> None:
     assert torch.allclose(mapped.sum(dim=-1), torch.ones(len(logits)), atol=1e-6)
     assert torch.equal(mapped.argmax(dim=-1), tempered.argmax(dim=-1))
     top, runner_up = tempered[10:].topk(2, dim=-1).values.double().unbind(-1)
-    log_odds = torch.logit(top)  # these rows are far from saturation: the direct formula is exact enough
+    # these rows are far from saturation: the direct formula is exact enough
+    beta = 0.8 * torch.log(top) - 1.3 * torch.log(1 - top) - 0.4
     bound = torch.log(runner_up / (1 - top))  # where the runner-up, rescaled, would draw level
-    expected = torch.sigmoid(torch.maximum(0.8 * log_odds - 0.4, bound + 1e-4))
+    expected = torch.sigmoid(torch.maximum(beta, bound + 1e-4))
     assert torch.allclose(mapped[10:].max(dim=-1).values.double(), expected, atol=1e-5)
     others = torch.softmax(logits[10:] / 0.7, dim=-1).masked_fill(torch.nn.functional.one_hot(
         tempered[10:].argmax(-1), 10).bool(), 0)  # the others keep their proportions
@@ -54,9 +55,9 @@ def test_saturated_rows_still_sum_to_one_and_rank_by_their_logits() -> None:
     gaps = torch.tensor([5.0, 16.5, 30.0, 200.0])
     logits = torch.zeros(len(gaps), 3)
     logits[:, 0] = gaps
-    mapped = Calibration(1.0, TopLabelMap(slope=0.5, intercept=-1.0)).probabilities(logits)
+    mapped = Calibration(1.0, TopLabelMap(log_top_weight=0.5, log_rest_weight=0.5, intercept=-1.0)).probabilities(logits)
     assert torch.allclose(mapped.sum(dim=-1), torch.ones(len(gaps)), atol=1e-6)
-    expected_top = torch.sigmoid(0.5 * (gaps - math.log(2)) - 1.0)  # logit(c) = gap − log(2 others)
+    expected_top = torch.sigmoid(0.5 * (gaps - math.log(2)) - 1.0)  # equal weights: Platt, logit(c) = gap − log 2
     assert torch.allclose(mapped[:, 0], expected_top, atol=1e-6)
     assert (mapped[:, 1] == mapped[:, 2]).all() and (mapped[:, 1].diff() < 0).all()
 
@@ -68,9 +69,14 @@ def test_saturated_rows_still_sum_to_one_and_rank_by_their_logits() -> None:
     ({"temperature": "1.0"}, "calibration.temperature must be a finite number"),
     ({"temperature": True}, "calibration.temperature must be a finite number"),
     ({"temperature": 1.0, "top_label": [1, 0]}, "calibration.top_label must be an object"),
-    ({"temperature": 1.0, "top_label": {"slope": 0.0, "intercept": 0.0}}, "top_label.slope must be positive"),
-    ({"temperature": 1.0, "top_label": {"slope": 1.0}}, "top_label.intercept must be a finite number"),
-    ({"temperature": 1.0, "top_label": {"slope": 1.0, "intercept": math.inf}}, "top_label.intercept must be a finite"),
+    ({"temperature": 1.0, "top_label": {"log_top_weight": 0.0, "log_rest_weight": 1.0, "intercept": 0.0}},
+     "top_label.log_top_weight must be positive"),
+    ({"temperature": 1.0, "top_label": {"log_top_weight": 1.0, "intercept": 0.0}},
+     "top_label.log_rest_weight must be a finite number"),
+    ({"temperature": 1.0, "top_label": {"log_top_weight": 1.0, "log_rest_weight": 1.0}},
+     "top_label.intercept must be a finite number"),
+    ({"temperature": 1.0, "top_label": {"log_top_weight": 1.0, "log_rest_weight": 1.0, "intercept": math.inf}},
+     "top_label.intercept must be a finite"),
 ])
 def test_nonsense_in_a_manifest_is_refused(calibration: object, message: str) -> None:
     with pytest.raises(CheckpointError, match=message):

@@ -48,27 +48,30 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def fit_top_label_map(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> TopLabelMap | None:
-    """Slope and intercept of logit(c') = a · logit(c) + b for the tempered top probability c, fitted by
-    the log-loss of "the top class is right" on held-out data; None when the data cannot support two
+    """The beta map of the tempered top probability c (``models.calibration.TopLabelMap``), fitted by the
+    log-loss of "the top class is right" on held-out data; None when the data cannot support three
     more parameters (fewer than ``MIN_ERRORS`` wrong predictions, or a fit that is not finite)."""
     log_odds = top_label_parts(logits.detach().double() / temperature).log_odds.squeeze(-1)
     correct = (logits.argmax(dim=1) == labels).double()
     if int((correct == 0).sum()) < MIN_ERRORS:
         return None
-    parameters = torch.tensor([1.0, 0.0], dtype=torch.double, requires_grad=True)
+    log_top, log_rest = -F.softplus(-log_odds), -F.softplus(log_odds)  # log c, log(1 − c), never rounded to 0
+    parameters = torch.tensor([1.0, 1.0, 0.0], dtype=torch.double, requires_grad=True)  # the identity map
     optimizer = torch.optim.LBFGS([parameters], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(parameters[0] * log_odds + parameters[1], correct)
+        mapped = parameters[0] * log_top - parameters[1] * log_rest + parameters[2]
+        loss = F.binary_cross_entropy_with_logits(mapped, correct)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    slope, intercept = (float(value) for value in parameters.detach())
-    if not (math.isfinite(slope) and math.isfinite(intercept)):
+    top_weight, rest_weight, intercept = (float(value) for value in parameters.detach())
+    if not all(math.isfinite(value) for value in (top_weight, rest_weight, intercept)):
         return None
-    return TopLabelMap(min(max(slope, 0.05), 20.0), min(max(intercept, -10.0), 10.0))
+    return TopLabelMap(min(max(top_weight, 0.05), 20.0), min(max(rest_weight, 0.05), 20.0),
+                       min(max(intercept, -10.0), 10.0))
 
 
 def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, top_label: bool = False) -> Calibration:

@@ -14,6 +14,7 @@ from models.calibration import Calibration
 from models.checkpoint import load_checkpoint, read_manifest
 from training.cli import main
 
+BETA_MAP = {"log_top_weight": 0.8, "log_rest_weight": 1.3, "intercept": -0.3}
 SMALL_CONV = ["--config", "widths=[16,32,32]", "--batch-size", "50", "--lr", "0.8", "--epochs", "2"]
 
 
@@ -115,9 +116,9 @@ def test_the_ensemble_and_its_top_label_map_export_to_onnx(members: dict[str, Pa
     assert _ensemble([members["a"], members["b"]], cifar_subset, tmp_path / "joined") == 0
     manifest_path = tmp_path / "joined" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["calibration"]["top_label"] = {"slope": 0.8, "intercept": -0.3}  # whatever the fit kept: test the map
+    manifest["calibration"]["top_label"] = BETA_MAP  # whatever the fit kept: test the map
     manifest_path.write_text(json.dumps(manifest))
     assert main(["export", str(tmp_path / "joined"), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
     described = json.loads((tmp_path / "onnx" / "model.json").read_text())
-    assert described["calibration"]["top_label"] == {"slope": 0.8, "intercept": -0.3}
+    assert described["calibration"]["top_label"] == BETA_MAP
     assert described["check"]["max_abs_diff"] <= 1e-4
