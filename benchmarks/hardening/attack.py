@@ -22,6 +22,7 @@ import json
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -162,35 +163,17 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 class Watch:
-    """Polls /healthz every 50 ms and samples the process tree's RSS every 100 ms."""
+    """Polls /healthz every 50 ms from a process of its own (``poll_health.py``: out of reach of this
+    process's GIL) and samples the process tree's RSS every 100 ms."""
 
     def __init__(self, server: harness.ServerProcess) -> None:
         self.server = server
-        self.health_worst_s = 0.0
-        self.health_worst_at_s = 0.0  # when the worst one was sent, from the start of the phase
-        self.started = time.perf_counter()
-        self.health_seconds: list[float] = []
-        self.health_failures = 0
         self.peak_rss_mb = 0.0
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._health, daemon=True),
-                        threading.Thread(target=self._memory, daemon=True)]
-        for thread in self.threads:
-            thread.start()
-
-    def _health(self) -> None:
-        with httpx.Client(base_url=self.server.url, timeout=5) as client:
-            while not self.stop.is_set():
-                started = time.perf_counter()
-                try:
-                    if client.get("/healthz").status_code != 200:
-                        self.health_failures += 1
-                except httpx.HTTPError:
-                    self.health_failures += 1
-                self.health_seconds.append(time.perf_counter() - started)
-                if self.health_seconds[-1] > self.health_worst_s:
-                    self.health_worst_s, self.health_worst_at_s = self.health_seconds[-1], started - self.started
-                self.stop.wait(0.05)
+        self.poller = subprocess.Popen([sys.executable, str(Path(__file__).with_name("poll_health.py")), server.url],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.memory = threading.Thread(target=self._memory, daemon=True)
+        self.memory.start()
 
     def _memory(self) -> None:
         while not self.stop.is_set():
@@ -203,13 +186,16 @@ class Watch:
 
     def finish(self) -> dict[str, float]:
         self.stop.set()
-        for thread in self.threads:
-            thread.join()
-        slow = sum(seconds > 0.1 for seconds in self.health_seconds)
-        return {"healthz_worst_ms": 1000 * self.health_worst_s, "healthz_failures": self.health_failures,
-                "healthz_worst_at_s": round(self.health_worst_at_s, 2), "healthz_polls": len(self.health_seconds),
-                "healthz_p99_ms": 1000 * percentile(self.health_seconds, 0.99), "healthz_over_100ms": slow,
-                "peak_rss_tree_mb": self.peak_rss_mb}
+        self.memory.join()
+        output, _ = self.poller.communicate("", timeout=30)
+        health = json.loads(output)
+        seconds, sent_at = health["seconds"], health["sent_at"]
+        worst = max(range(len(seconds)), key=seconds.__getitem__) if seconds else None
+        return {"healthz_worst_ms": 1000 * seconds[worst] if worst is not None else float("nan"),
+                "healthz_worst_at_s": round(sent_at[worst], 2) if worst is not None else float("nan"),
+                "healthz_failures": health["failures"], "healthz_polls": len(seconds),
+                "healthz_p99_ms": 1000 * percentile(seconds, 0.99),
+                "healthz_over_100ms": sum(value > 0.1 for value in seconds), "peak_rss_tree_mb": self.peak_rss_mb}
 
 
 def python_client(url: str, seconds: float, rate: float) -> dict[str, Any]:
