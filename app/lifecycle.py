@@ -68,6 +68,7 @@ class Service:
         self.ready_after_s: float | None = None
         self._loading: asyncio.Task[None] | None = None
         self._compiling: asyncio.Task[None] | None = None
+        self._refreezing: asyncio.Task[None] | None = None  # the heap frozen again after a reload
         self._draining: asyncio.Task[None] | None = None
         self._previous_sigterm: Any = None
         self._sighup_installed = False
@@ -195,7 +196,11 @@ class Service:
         # and freeze again (after one full collection) when those requests are past their deadline.
         gc.unfreeze()
         loop = asyncio.get_running_loop()
-        loop.call_later(self.settings.request_timeout + 1, lambda: loop.create_task(asyncio.to_thread(freeze_heap, True)))
+
+        def refreeze() -> None:  # the task is kept, or the loop could drop it half-way
+            self._refreezing = loop.create_task(asyncio.to_thread(freeze_heap, True), name="refreeze-heap")
+
+        loop.call_later(self.settings.request_timeout + 1, refreeze)
         self._start_tokenizer(registry)  # no-op but for its encoders when running already
 
     def _install_sighup_handler(self) -> None:
@@ -281,7 +286,7 @@ def freeze_heap(collect: bool) -> None:
     over 200,000 objects and 60-100 ms with the GIL held, which stalled the event loop and the
     inference thread alike whenever one ran while serving. Frozen objects are still freed by
     reference counting; the collector then walks only what requests allocate. ``collect`` first clears
-    the loading's garbage (a pause, so only before the service turns ready).
+    the garbage (one pause of that length: before the service turns ready, and once after a reload).
     """
     if collect:
         gc.collect()
