@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,18 @@ def held_out(dataset: ImageDataset, manifests: list[Manifest], split: Split) -> 
     return dataset.subset(indices)
 
 
+def _close(a: Any, b: Any) -> bool:
+    """Equal, numbers within a relative 1e-5: two runs on the same images may fit their normalisation with
+    reductions in another order (torch's threads), which moves the last digits."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[key], b[key]) for key in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, int | float) and isinstance(b, int | float) and math.isclose(a, b, rel_tol=1e-5)
+    return bool(a == b)
+
+
 def _comparable_config(manifest: Manifest) -> dict[str, Any]:
     return {key: value for key, value in manifest.config.items() if key not in ("tta_flip", "tta_translate")}
 
@@ -90,7 +103,7 @@ def check_members(manifests: list[Manifest]) -> Split:
             ("task and architecture", (other.task, other.architecture) == (first.task, first.architecture)),
             ("architecture config", _comparable_config(other) == _comparable_config(first)),
             ("classes", other.classes == first.classes),
-            ("preprocessing", other.preprocessing == first.preprocessing),
+            ("preprocessing", _close(other.preprocessing, first.preprocessing)),
             ("training data", other.data_fingerprint == first.data_fingerprint),
             ("validation split", member_split(other) == split),
         ) if not same]
