@@ -27,20 +27,17 @@ if str(ROOT) not in sys.path:
 from models.calibration import Calibration, TopLabelMap, top_label_parts  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.preprocessing import ImagePreprocessing  # noqa: E402
-from training.engine.calibration import expected_calibration_error, fit_calibration, fit_temperature  # noqa: E402
+from training.engine.calibration import (  # noqa: E402
+    Fitter,
+    calibration_fitter,
+    expected_calibration_error,
+    fit_calibration,
+    fit_temperature,
+    out_of_fold_ece,
+)
 from training.engine.loop import predict_logits  # noqa: E402
 from training.image.data import load_image_folder, stratified_split  # noqa: E402
 from training.image.task import evaluation_batches  # noqa: E402
-
-Fitter = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
-
-
-def temperature_only(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return fit_calibration(logits, labels).probabilities
-
-
-def beta_map(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return fit_calibration(logits, labels, top_label=True).probabilities
 
 
 def platt_map(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -81,20 +78,8 @@ def isotonic_map(logits: torch.Tensor, labels: torch.Tensor) -> Callable[[torch.
     return apply
 
 
-MAPS: dict[str, Fitter] = {"temperature": temperature_only, "temperature + Platt": platt_map,
-                           "temperature + isotonic": isotonic_map, "temperature + beta (shipped)": beta_map}
-
-
-def out_of_fold(fitter: Fitter, logits: torch.Tensor, labels: torch.Tensor, repeats: int) -> float:
-    errors = []
-    for repeat in range(repeats):
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(repeat))
-        halves = (order[: len(order) // 2], order[len(order) // 2:])
-        probabilities = torch.empty(logits.shape)
-        for fit_on, apply_to in (halves, halves[::-1]):
-            probabilities[apply_to] = fitter(logits[fit_on], labels[fit_on])(logits[apply_to]).float()
-        errors.append(expected_calibration_error(probabilities, labels))
-    return sum(errors) / len(errors)
+MAPS: dict[str, Fitter] = {"temperature": calibration_fitter(False), "temperature + Platt": platt_map,
+                           "temperature + isotonic": isotonic_map, "temperature + beta (shipped)": calibration_fitter(True)}
 
 
 def noise_floor(logits: torch.Tensor, labels: torch.Tensor, draws: int = 200) -> float:
@@ -125,7 +110,8 @@ def main() -> None:
     logits, labels = predict_logits(loaded.model, evaluation_batches(validation, preprocessing, 500), torch.device("cpu"))
     result = {"checkpoint": str(args.checkpoint), "images": len(labels),
               "accuracy": float((logits.argmax(1) == labels).float().mean()),
-              "ece_out_of_fold": {name: out_of_fold(fitter, logits, labels, args.repeats) for name, fitter in MAPS.items()},
+              "ece_out_of_fold": {name: out_of_fold_ece(logits, labels, fitter, args.repeats)
+                                  for name, fitter in MAPS.items()},
               "ece_noise_floor": noise_floor(logits, labels)}
     print(json.dumps(result, indent=2))
     if args.output:

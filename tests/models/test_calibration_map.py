@@ -10,7 +10,13 @@ import torch
 
 from models.calibration import Calibration, TopLabelMap
 from models.checkpoint import CheckpointError
-from training.engine.calibration import calibrate, expected_calibration_error, fit_calibration, out_of_fold_ece
+from training.engine.calibration import (
+    calibrate,
+    calibration_fitter,
+    expected_calibration_error,
+    fit_calibration,
+    out_of_fold_ece,
+)
 
 MAP = Calibration(0.7, TopLabelMap(log_top_weight=0.8, log_rest_weight=1.3, intercept=-0.4))
 
@@ -116,7 +122,7 @@ def test_a_map_that_does_not_help_is_not_kept() -> None:
     if "top_label" not in result:
         assert result["ece_out_of_fold"]["top_label"] >= 0.9 * result["ece_out_of_fold"]["temperature"]
     assert abs(result["temperature"] - 1.0) < 0.1
-    assert out_of_fold_ece(logits, labels, top_label=False, repeats=2) < 0.03
+    assert out_of_fold_ece(logits, labels, calibration_fitter(False), repeats=2) < 0.03
     assert fit_calibration(logits, labels).top_label is None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,8 +80,17 @@ def fit_calibration(logits: torch.Tensor, labels: torch.Tensor, top_label: bool 
     return Calibration(temperature, fit_top_label_map(logits, labels, temperature) if top_label else None)
 
 
-def out_of_fold_ece(logits: torch.Tensor, labels: torch.Tensor, top_label: bool, repeats: int = 5) -> float:
-    """ECE of the map fitted on one half of the examples and applied to the other, both ways round,
+# (held-out logits, labels) → a map from logits to calibrated probabilities
+Fitter = Callable[[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+
+def calibration_fitter(top_label: bool) -> Fitter:
+    """``fit_calibration`` as a ``Fitter``: the map this project ships, with or without a top-label map."""
+    return lambda logits, labels: fit_calibration(logits, labels, top_label).probabilities
+
+
+def out_of_fold_ece(logits: torch.Tensor, labels: torch.Tensor, fit: Fitter, repeats: int = 5) -> float:
+    """ECE of the map ``fit`` gives on one half of the examples, applied to the other, both ways round,
     averaged over ``repeats`` random halvings: what the map does on data it was not fitted on."""
     errors = []
     for repeat in range(repeats):
@@ -88,8 +98,7 @@ def out_of_fold_ece(logits: torch.Tensor, labels: torch.Tensor, top_label: bool,
         halves = (order[: len(order) // 2], order[len(order) // 2:])
         probabilities = torch.empty(logits.shape, dtype=torch.float32)
         for fit_on, apply_to in (halves, halves[::-1]):
-            fitted = fit_calibration(logits[fit_on], labels[fit_on], top_label)
-            probabilities[apply_to] = fitted.probabilities(logits[apply_to])
+            probabilities[apply_to] = fit(logits[fit_on], labels[fit_on])(logits[apply_to]).float()
         errors.append(expected_calibration_error(probabilities, labels))
     return sum(errors) / len(errors)
 
@@ -105,8 +114,8 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, top_label: bool = Fals
     report: dict[str, Any] = {}
     if top_label:
         with_map = fit_calibration(logits, labels, top_label=True)
-        report["ece_out_of_fold"] = {"temperature": out_of_fold_ece(logits, labels, top_label=False),
-                                     "top_label": out_of_fold_ece(logits, labels, top_label=True)}
+        report["ece_out_of_fold"] = {"temperature": out_of_fold_ece(logits, labels, calibration_fitter(False)),
+                                     "top_label": out_of_fold_ece(logits, labels, calibration_fitter(True))}
         if with_map.top_label is not None and \
                 report["ece_out_of_fold"]["top_label"] < KEEP_MAP_BELOW * report["ece_out_of_fold"]["temperature"]:
             calibration = with_map

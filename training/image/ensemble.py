@@ -131,13 +131,13 @@ def ensemble_image(members: list[Path], data: Path, output: Path, name: str | No
     manifests = [read_manifest(member) for member in members]
     split = check_members(manifests)
     model = build_ensemble(members, manifests, views)
-    dataset = load_image_folder(data, size=ImagePreprocessing.from_manifest(manifests[0]).size)
+    preprocessing = ImagePreprocessing.from_manifest(manifests[0])
+    dataset = load_image_folder(data, size=preprocessing.size)
     if dataset.fingerprint != manifests[0].data_fingerprint:
         raise ValueError(f"{data} is not the data the members were trained on (fingerprint "
                          f"{dataset.fingerprint[:12]}, theirs {manifests[0].data_fingerprint[:12]})")
     validation = held_out(dataset, manifests, split)
     labels = validation.labels
-    preprocessing = ImagePreprocessing.from_manifest(manifests[0])
     torch_device = pick_device(device)
     model = model.to(torch_device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
