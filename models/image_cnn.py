@@ -65,12 +65,15 @@ class FastConvConfig:
     # Also average over the image shifted one pixel up-left and down-right (reflect-padded): the
     # centred view weighs 1/2, each shifted one 1/4. Three times the inference cost, ~+0.3 points.
     tta_translate: bool = False
+    # Start each convolution as the identity on its first input channels (the rest random): a
+    # training-time choice (airbench's), recorded because it is part of the recipe.
+    identity_init: bool = False
 
 
 class ConvGroup(nn.Module):
     """conv → max-pool → BN → GELU → conv → BN → GELU: halves the resolution."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, identity_init: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding="same", bias=False)
         self.pool = nn.MaxPool2d(2)
@@ -78,6 +81,10 @@ class ConvGroup(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding="same", bias=False)
         self.norm2 = nn.BatchNorm2d(out_channels, momentum=0.4)
         self.act = nn.GELU()
+        if identity_init:
+            for conv in (self.conv1, self.conv2):
+                with torch.no_grad():  # (out, in, 3, 3): filter i passes input channel i through
+                    nn.init.dirac_(conv.weight[:min(conv.in_channels, conv.out_channels)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.norm1(self.pool(self.conv1(x))))
@@ -98,7 +105,7 @@ class FastConvNet(nn.Module):
         groups = []
         in_channels = whiten_width
         for width in config.widths:
-            groups.append(ConvGroup(in_channels, width))
+            groups.append(ConvGroup(in_channels, width, config.identity_init))
             in_channels = width
         self.groups = nn.Sequential(*groups)
         self.head = nn.Linear(in_channels, config.num_classes, bias=False)

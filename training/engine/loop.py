@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from models.checkpoint import publish_directory
 from models.precision import native_autocast_dtype
+from training.engine.muon import Muon, muon_param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class BatchSource(Protocol):
 @dataclasses.dataclass
 class LoopConfig:
     epochs: int = 10
-    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw | muon (training.engine.muon)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -93,13 +94,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, config: LoopConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: LoopConfig, batch_size: int | None = None) -> torch.optim.Optimizer:
+    """The loop's optimizer; ``muon`` sets its other rates per example, so it needs the batch size."""
+    if config.optimizer == "muon":
+        if batch_size is None:
+            raise ValueError("the muon optimizer needs the batch source's batch_size")
+        return Muon(muon_param_groups(model, batch_size, config.lr), lr=config.lr)
     groups = _param_groups(model, config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
-    raise ValueError(f"unknown optimizer {config.optimizer!r} (sgd or adamw)")
+    raise ValueError(f"unknown optimizer {config.optimizer!r} (sgd, adamw or muon)")
 
 
 def lr_factor(step: int, total: int, config: LoopConfig) -> float:
@@ -202,7 +208,7 @@ def fit(
     rank, world_size = distributed_context()
     torch.manual_seed(config.seed)
     model.to(device)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, getattr(source, "batch_size", None))
     steps_per_epoch = source.steps_per_epoch()
     total_steps = config.epochs * steps_per_epoch
     progress: dict[str, Any] = {"epoch": 0, "step": 0, "history": []}
@@ -227,8 +233,8 @@ def fit(
                    disable=rank != 0, leave=False, dynamic_ncols=True)
         for step in bar:
             global_step = epoch * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(global_step, total_steps, config)
+            for group in optimizer.param_groups:  # a group's lr_scale: its rate relative to config.lr (muon)
+                group["lr"] = config.lr * group.get("lr_scale", 1.0) * lr_factor(global_step, total_steps, config)
             inputs, labels = source.batch(epoch, step, rank, world_size)
             inputs = tuple(None if x is None else x.to(device, non_blocking=True) for x in inputs)
             labels = labels.to(device, non_blocking=True)

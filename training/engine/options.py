@@ -61,7 +61,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--label-smoothing", type=float)
-    parser.add_argument("--optimizer", choices=["sgd", "adamw"])
+    parser.add_argument("--optimizer", choices=["sgd", "adamw", "muon"])
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seed", type=int, default=0)

@@ -151,11 +151,14 @@ def test_refit_full_trains_on_every_image_and_takes_over_the_tuning_runs_calibra
     assert "not image/lenet" in capsys.readouterr().err
 
 
-def test_fine_tuning_starts_from_a_quarter_of_the_recipe_rate_unless_lr_is_given(tmp_path: Path) -> None:
-    from training.image.task import IMAGE_RECIPES, ImageRunOptions, _recipe
+def test_fine_tuning_starts_from_a_quarter_of_the_transfer_recipe_rate_unless_lr_is_given(tmp_path: Path) -> None:
+    from training.image.task import IMAGE_RECIPES, TRANSFER_RECIPES, ImageRunOptions, _recipe
 
     options = ImageRunOptions(data=tmp_path, output=tmp_path / "out")
-    assert _recipe(options, "fastconv", transfer=False)[0].lr == IMAGE_RECIPES["fastconv"].loop["lr"]
-    assert _recipe(options, "fastconv", transfer=True)[0].lr == IMAGE_RECIPES["fastconv"].loop["lr"] / 4
+    pretraining = _recipe(options, "fastconv", transfer=False)[0]
+    assert (pretraining.optimizer, pretraining.lr) == ("muon", IMAGE_RECIPES["fastconv"].loop["lr"])
+    transfer = _recipe(options, "fastconv", transfer=True)[0]
+    assert (transfer.optimizer, transfer.lr) == ("sgd", TRANSFER_RECIPES["fastconv"].loop["lr"] / 4)
+    assert _recipe(options, "trunk", transfer=True)[0].lr == IMAGE_RECIPES["trunk"].loop["lr"] / 4
     given = ImageRunOptions(data=tmp_path, output=tmp_path / "out", loop={"lr": 0.05})
     assert _recipe(given, "fastconv", transfer=True)[0].lr == 0.05
