@@ -24,6 +24,10 @@ from pathlib import Path
 from typing import cast
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.serving.run import cpu_model  # noqa: E402
 
 RECIPES = {
     # The seed's recipe: LeNet, SGD lr 1e-3 (momentum 0.9), batch 100, 10 epochs, no augmentation tricks.
@@ -92,7 +96,8 @@ def main() -> None:
         ratio = float(cast(float, rows[-2]["val_accuracy"])) / float(cast(float, rows[-1]["val_accuracy"]))
         rows[-2]["accuracy_vs_airbench94"] = round(ratio, 4)
     columns = list(dict.fromkeys(c for row in rows for c in row if c != "command"))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [f"CPU: {cpu_model()}; one recipe after the other, nothing else running.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = (row.get(c, "") for c in columns)
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in cells) + " |")

@@ -46,7 +46,9 @@ class BatchSource(Protocol):
 @dataclasses.dataclass
 class LoopConfig:
     epochs: int = 10
-    optimizer: str = "sgd"  # sgd (Nesterov) | adamw | muon (training.engine.muon)
+    # sgd (Nesterov) | adamw | muon (training.engine.muon: lr is the filters' rate; its momenta, the
+    # other groups' rates and weight decay are the published ones, so momentum and weight_decay do not apply)
+    optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4

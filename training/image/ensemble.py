@@ -85,8 +85,13 @@ def _close(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+# Config keys that do not change the network a member computes: its test-time views (the ensemble sets
+# them) and how its training initialised it (older manifests lack the key).
+_NOT_COMPARED = ("tta_flip", "tta_translate", "identity_init")
+
+
 def _comparable_config(manifest: Manifest) -> dict[str, Any]:
-    return {key: value for key, value in manifest.config.items() if key not in ("tta_flip", "tta_translate")}
+    return {key: value for key, value in manifest.config.items() if key not in _NOT_COMPARED}
 
 
 def check_members(manifests: list[Manifest]) -> Split:

@@ -3,6 +3,7 @@ what it refuses (members of other splits, data, recipes; the same run twice), an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -122,3 +123,15 @@ def test_the_ensemble_and_its_top_label_map_export_to_onnx(members: dict[str, Pa
     described = json.loads((tmp_path / "onnx" / "model.json").read_text())
     assert described["calibration"]["top_label"] == BETA_MAP
     assert described["check"]["max_abs_diff"] <= 1e-4
+
+
+def test_members_initialised_differently_are_still_one_network(members: dict[str, Path]) -> None:
+    from training.image.ensemble import check_members
+
+    first, second = read_manifest(members["a"]), read_manifest(members["b"])
+    assert first.config["identity_init"] is True  # the default recipe's
+    older = dataclasses.replace(second, config={k: v for k, v in second.config.items() if k != "identity_init"})
+    assert check_members([first, older]) == check_members([first, second])
+    wider = dataclasses.replace(second, config={**second.config, "widths": [16, 32, 64]})
+    with pytest.raises(ValueError, match="architecture config"):
+        check_members([first, wider])
