@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # The loop settings a command line may override (``--epochs`` …), as ``LoopConfig`` names them.
-LOOP_OVERRIDES = ("epochs", "lr", "weight_decay", "label_smoothing", "precision", "optimizer", "save_every_steps")
+LOOP_OVERRIDES = ("epochs", "lr", "weight_decay", "label_smoothing", "warmup_fraction", "precision", "optimizer",
+                  "save_every_steps")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -61,6 +62,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--label-smoothing", type=float)
+    parser.add_argument("--warmup-fraction", type=float, help="share of the steps spent warming the rate up")
     parser.add_argument("--optimizer", choices=["sgd", "adamw", "muon"])
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int)

@@ -60,8 +60,9 @@ def add_commands(commands: Any) -> None:
     ensemble.add_argument("--data", type=Path, required=True, help="the data the members were trained on")
     ensemble.add_argument("--output", type=Path, required=True, help="checkpoint directory to write")
     ensemble.add_argument("--name", help="model name served by the API (default: the output folder name)")
-    ensemble.add_argument("--views", choices=["flip", "flip-translate"], default="flip",
-                          help="test-time views per member (flip-translate: three times the compute)")
+    ensemble.add_argument("--views", choices=["none", "flip", "flip-translate"], default="flip",
+                          help="test-time views per member: none (the image alone: half the compute of flip), "
+                               "flip (and its mirror), flip-translate (three times the compute of flip)")
     ensemble.add_argument("--device", default="auto")
     ensemble.set_defaults(handler=_ensemble_command)
 

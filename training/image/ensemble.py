@@ -30,8 +30,10 @@ from training.image.task import evaluation_batches
 
 logger = logging.getLogger(__name__)
 
-# Test-time views per member: the flip alone, or also the one-pixel shifts (three times the compute).
-VIEWS = {"flip": {"tta_flip": True, "tta_translate": False},
+# Test-time views per member: the image alone (more members for the same compute), with its mirror, or
+# also the one-pixel shifts (three times the compute).
+VIEWS = {"none": {"tta_flip": False, "tta_translate": False},
+         "flip": {"tta_flip": True, "tta_translate": False},
          "flip-translate": {"tta_flip": True, "tta_translate": True}}
 
 

@@ -162,3 +162,23 @@ def test_fine_tuning_starts_from_a_quarter_of_the_transfer_recipe_rate_unless_lr
     assert _recipe(options, "trunk", transfer=True)[0].lr == IMAGE_RECIPES["trunk"].loop["lr"] / 4
     given = ImageRunOptions(data=tmp_path, output=tmp_path / "out", loop={"lr": 0.05})
     assert _recipe(given, "fastconv", transfer=True)[0].lr == 0.05
+
+
+# The command line that reproduces the bundled SGD-trained runs (docs/results.md) under the Muon default.
+SGD_RECIPE_FLAGS = ["--optimizer", "sgd", "--lr", "0.4", "--batch-size", "512", "--weight-decay", "5e-4",
+                    "--warmup-fraction", "0.25", "--config", "identity_init=false"]
+
+
+def test_the_documented_flags_rebuild_the_previous_sgd_recipe(tmp_path: Path) -> None:
+    from training.cli import build_parser
+    from training.engine.options import run_options_from_args
+    from training.image.task import TRANSFER_RECIPES, ImageRunOptions, _recipe, image_recipe
+
+    args = build_parser().parse_args(["pretrain-image", "--data", str(tmp_path), "--output", str(tmp_path / "o"),
+                                      *SGD_RECIPE_FLAGS])
+    options = ImageRunOptions(**run_options_from_args(args), model_config=dict(args.config))
+    loop, batch_size, flip = _recipe(options, "fastconv", transfer=False)
+    previous = TRANSFER_RECIPES["fastconv"]  # the SGD recipe, kept for fine-tuning
+    assert loop == previous.loop_config(0)
+    assert (batch_size, flip) == (previous.batch_size, previous.extra["flip"])
+    assert image_recipe(options, "fastconv").model == {"tta_translate": True, "identity_init": False}
