@@ -75,7 +75,8 @@ class Muon(torch.optim.Optimizer):
 
 def muon_param_groups(model: nn.Module, batch_size: int, lr: float) -> list[dict[str, Any]]:
     """Filters (4-D) → Muon; other matrices (the head) and biases → SGD at the published rates relative
-    to ``lr``; BatchNorm scales are frozen at their initial 1 (the filters' norm is pinned instead)."""
+    to ``lr``. BatchNorm scales are frozen on ``model`` (``requires_grad`` off) at their initial 1: the
+    filters' norm is pinned instead, and a scale nothing updates should not cost a gradient."""
     filters, matrices, biases = [], [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
