@@ -140,7 +140,11 @@ def _child_main(connection: Connection, sources: Sequence[EncoderSource], nicene
             return
         if request is None:
             return
-        source, texts = request
+        source, count = request
+        try:
+            texts = [connection.recv_bytes().decode("utf-8", "surrogatepass") for _ in range(count)]
+        except (EOFError, OSError):
+            return
         try:
             reply: tuple[str, Any] = ("ok", _child_encode(source, texts))
         except Exception as error:  # e.g. the checkpoint moved: the batch fails, the child goes on
@@ -422,7 +426,11 @@ class _Slot:
         connection = self.connection
         assert connection is not None
         try:
-            connection.send((job.source, job.texts))
+            # one message a text: pickling a whole batch is one C call that holds the GIL for as long as it
+            # takes (over 10 ms for 64 long texts), while between these writes the event loop gets it back
+            connection.send((job.source, len(job.texts)))
+            for text in job.texts:
+                connection.send_bytes(text.encode("utf-8", "surrogatepass"))
             # the grace period counts from when the timeout fired: a service that was paused (SIGSTOP,
             # a frozen VM) finds every timeout expired when it resumes, and its child is not stuck
             if not (connection.poll(self.pool.result_timeout_s) or connection.poll(self.pool.grace_s)):

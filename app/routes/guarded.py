@@ -10,6 +10,7 @@ reuses it). Forms are parsed with limits on files, fields and field size.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import json.scanner
 import re
@@ -27,6 +28,9 @@ from app.middleware import BodyRule
 from app.settings import Settings
 
 MAX_UNKNOWN_FIELDS = 10  # more than this many unknown fields: refused without validating each
+# Decoding and parsing a body of megabytes are each milliseconds on the event loop: above this size
+# the loop runs other requests' steps between the two, so a short request never waits for both.
+YIELD_AFTER_BYTES = 256 * 1024
 
 
 def _media_type(request: Request) -> str:
@@ -147,7 +151,10 @@ async def check_json(request: Request, model: type[BaseModel] | None, max_items:
     # room for every field, MAX_UNKNOWN_FIELDS more, and four times the items a request may hold
     parser = BoundedParser(budget=1 + 2 * (len(fields) + MAX_UNKNOWN_FIELDS) + 4 * max_items + 16)
     try:
-        value = parser.parse(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        if len(body) > YIELD_AFTER_BYTES:  # let waiting requests run between decoding and parsing
+            await asyncio.sleep(0)
+        value = parser.parse(text)
     except _TooDeep:
         raise InvalidInput("request body is not valid JSON (nested too deeply)") from None
     except _TooManyValues:
