@@ -140,9 +140,9 @@ def _child_main(connection: Connection, sources: Sequence[EncoderSource], nicene
             return
         if request is None:
             return
-        source, count = request
+        source, chunks = request
         try:
-            texts = [connection.recv_bytes().decode("utf-8", "surrogatepass") for _ in range(count)]
+            texts = [text.decode("utf-8", "surrogatepass") for _ in range(chunks) for text in connection.recv()]
         except (EOFError, OSError):
             return
         try:
@@ -153,6 +153,25 @@ def _child_main(connection: Connection, sources: Sequence[EncoderSource], nicene
 
 
 # ---- in the service ----------------------------------------------------------------------------
+
+# Texts go to a child in messages of about this many bytes: pickling a whole batch was one C call that
+# held the GIL for as long as it took (over 10 ms for 64 long texts); between messages the event loop
+# gets it back. Short texts still share one message.
+MESSAGE_BYTES = 64 * 1024
+
+
+def _chunks(encoded: list[bytes]) -> list[list[bytes]]:
+    """``encoded`` in order, in runs of about ``MESSAGE_BYTES`` (a longer text alone)."""
+    chunks: list[list[bytes]] = []
+    size = 0
+    for text in encoded:
+        if not chunks or size + len(text) > MESSAGE_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(text)
+        size += len(text)
+    return chunks
+
 
 def _from_bytes(ids: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(ids), dtype=torch.long) if ids else torch.zeros(0, dtype=torch.long)
@@ -426,11 +445,10 @@ class _Slot:
         connection = self.connection
         assert connection is not None
         try:
-            # one message a text: pickling a whole batch is one C call that holds the GIL for as long as it
-            # takes (over 10 ms for 64 long texts), while between these writes the event loop gets it back
-            connection.send((job.source, len(job.texts)))
-            for text in job.texts:
-                connection.send_bytes(text.encode("utf-8", "surrogatepass"))
+            chunks = _chunks([text.encode("utf-8", "surrogatepass") for text in job.texts])
+            connection.send((job.source, len(chunks)))
+            for chunk in chunks:
+                connection.send(chunk)
             # the grace period counts from when the timeout fired: a service that was paused (SIGSTOP,
             # a frozen VM) finds every timeout expired when it resumes, and its child is not stuck
             if not (connection.poll(self.pool.result_timeout_s) or connection.poll(self.pool.grace_s)):

@@ -524,3 +524,14 @@ def test_shutdown_with_jobs_waiting_in_both_queues_fails_them_and_stops_every_sl
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGCONT)
+
+
+def test_texts_go_to_a_child_in_order_in_messages_of_bounded_size() -> None:
+    from app.tokenizing import MESSAGE_BYTES, _chunks
+
+    texts = [b"s" * 10] * 30 + [b"L" * (3 * MESSAGE_BYTES)] + [b"m" * (MESSAGE_BYTES // 3)] * 4
+    chunks = _chunks(texts)
+    assert [text for chunk in chunks for text in chunk] == texts
+    assert len(chunks[0]) == 30 and chunks[1] == [texts[30]]  # the short ones share, the long one alone
+    assert all(sum(map(len, chunk)) <= MESSAGE_BYTES for chunk in chunks if len(chunk) > 1)
+    assert _chunks([]) == [] and _chunks([b"", b"x"]) == [[b"", b"x"]]
