@@ -154,9 +154,9 @@ def _child_main(connection: Connection, sources: Sequence[EncoderSource], nicene
 
 # ---- in the service ----------------------------------------------------------------------------
 
-# Texts go to a child in messages of about this many bytes: pickling a whole batch was one C call that
-# held the GIL for as long as it took (over 10 ms for 64 long texts); between messages the event loop
-# gets it back. Short texts still share one message.
+# Texts go to a child in messages of about this many bytes: a whole batch pickled at once is one C call
+# that holds the GIL however long the texts are; between messages the event loop gets it back. Short
+# texts still share one message (measured: benchmarks/hardening/README.md).
 MESSAGE_BYTES = 64 * 1024
 
 
